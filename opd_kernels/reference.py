@@ -99,8 +99,16 @@ def topk_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int
               temperature: float = 1.0) -> torch.Tensor:
     """KL(p̄ || q̄) over S = TopK(p, k), both renormalized over S (eq. 5); S is not differentiated."""
     support = topk_ids(student_logits.detach(), k)
-    log_p_bar = torch.log_softmax(student_logits.gather(-1, support) / temperature, dim=-1)
-    log_q_bar = torch.log_softmax(teacher_logits.detach().gather(-1, support) / temperature, dim=-1)
+    return renormalized_kl(student_logits.gather(-1, support), teacher_logits.gather(-1, support),
+                           temperature)
+
+
+def renormalized_kl(student_at_support: torch.Tensor, teacher_at_support: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """KL(p̄ || q̄) from the logits at the support only: the full-vocabulary lse of either model
+    cancels in the renormalization, so the teacher is needed at these ids and nowhere else."""
+    log_p_bar = torch.log_softmax(student_at_support / temperature, dim=-1)
+    log_q_bar = torch.log_softmax(teacher_at_support.detach() / temperature, dim=-1)
     return _plogp_terms(log_p_bar, log_q_bar).sum(-1)
 
 

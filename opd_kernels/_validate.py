@@ -1,0 +1,135 @@
+"""Argument checks of the public functions: bad input raises a clear error naming the argument."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .reference import OBJECTIVES
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def floating(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or "
+                        f"float64), got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+
+
+def same_device(**tensors) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def logits(name: str, t) -> None:
+    floating(name, t)
+    if t.shape[-1] < 1:
+        raise ValueError(f"{name} has an empty vocabulary (last dim 0)")
+
+
+def logits_pair(student, teacher) -> None:
+    logits("student_logits", student)
+    logits("teacher_logits", teacher)
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(f"vocab mismatch: student_logits has V={student.shape[-1]}, "
+                         f"teacher_logits has V={teacher.shape[-1]}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} != student_logits shape "
+                         f"{tuple(student.shape)}")
+    same_device(student_logits=student, teacher_logits=teacher)
+
+
+def temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def mask(m, lead: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = counted), got "
+                        f"{getattr(m, 'dtype', type(m).__name__)}")
+    if m.shape != lead:
+        raise ValueError(f"mask shape {tuple(m.shape)} != the positions' shape {tuple(lead)}")
+    if m.device != device:
+        raise ValueError(f"mask is on {m.device} but the logits are on {device}")
+    return m
+
+
+def tokens(t, lead: torch.Size, vocab: int, device: torch.device,
+           counted: Optional[torch.Tensor]) -> torch.Tensor:
+    """Integer ids of the positions' shape, in [0, vocab) wherever the position is counted
+    (uncounted positions may hold anything, e.g. an ignore index). The range check is the one
+    host synchronization of a call, made here before any kernel runs."""
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor of token ids, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if t.shape != lead:
+        raise ValueError(f"tokens shape {tuple(t.shape)} != the positions' shape {tuple(lead)}")
+    if t.device != device:
+        raise ValueError(f"tokens is on {t.device} but the logits are on {device}")
+    checked = t if counted is None else t[counted]
+    if checked.numel() and bool(((checked < 0) | (checked >= vocab)).any()):
+        bad = checked[(checked < 0) | (checked >= vocab)][0]
+        raise ValueError(f"tokens holds id {int(bad)} outside the vocabulary [0, {vocab})")
+    return t.long()
+
+
+def k(value, vocab: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"k must be an int, got {value!r}")
+    if not 1 <= value <= vocab:
+        raise ValueError(f"k must satisfy 1 <= k <= V = {vocab}, got k={value}")
+    return value
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def objective(value, tokens_given: bool) -> str:
+    choice("objective", value, OBJECTIVES)
+    if value == "sampled" and not tokens_given:
+        raise ValueError("objective='sampled' needs tokens (the sampled token ids, one a position)")
+    return value
+
+
+def linear(name_hidden: str, hidden, name_weight: str, weight) -> None:
+    floating(name_hidden, hidden)
+    floating(name_weight, weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{name_weight} must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name_hidden} has hidden size {hidden.shape[-1]} but {name_weight} is "
+                         f"[V, H] with H={weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name_hidden} is {hidden.dtype} but {name_weight} is {weight.dtype}")
+    same_device(**{name_hidden: hidden, name_weight: weight})
+
+
+def vocab_size(value, student_vocab: int, teacher_vocab: int) -> int:
+    """The shared vocabulary: both weights' rows when they agree, else an explicit K <= both."""
+    if value is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(f"vocab mismatch: student_weight has {student_vocab} rows, "
+                             f"teacher_weight has {teacher_vocab}; pass vocab_size=K (K <= both) "
+                             f"to compare the first K ids and ignore padding rows")
+        return student_vocab
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= min(student_vocab, teacher_vocab):
+        raise ValueError(f"vocab_size must be an int in [1, {min(student_vocab, teacher_vocab)}] "
+                         f"(<= both weights' rows), got {value!r}")
+    return value
