@@ -1,0 +1,172 @@
+"""Every implementation the suite times: ours, the PyTorch baselines and the peers.
+
+An implementation's ``build(case, mode, inputs, k, temperature)`` returns a closure that runs the
+forward once and returns its output (a scalar or per-row tensor, or the statistics), or raises
+:class:`NotApplicable` when it has no such op. Peers are optional imports.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import baselines
+from .registry import Case
+from .workloads import Inputs
+
+
+class NotApplicable(Exception):
+    """The implementation has no version of this op (or mode)."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    kind: str  # "ours" | "pytorch" | "peer"
+    build: Callable
+    peer: Optional[str] = None  # the module a peer lives in
+
+
+def _ours(backend: str):
+    def build(case: Case, mode: str, x: Inputs, k: int, tau: float):
+        import opd_kernels as ok
+
+        kw = {"temperature": tau, "backend": backend}
+        tokens = x.tokens if case.objective == "sampled" else None
+        if case.form == "logits":
+            s, t = x.student, x.teacher
+            return {
+                "logsumexp": lambda: ok.logsumexp(s, **kw),
+                "token_logprobs": lambda: ok.token_logprobs(s, x.tokens, **kw),
+                "reverse_kl": lambda: ok.reverse_kl(s, t, **kw),
+                "topk_overlap": lambda: ok.topk_overlap(s, t, k=k, **kw),
+            }.get(case.op, lambda: ok.opd_loss(s, t, objective=case.objective, tokens=tokens,
+                                               k=k, **kw))
+        hs, ws, ht, wt = x.student, x.student_weight, x.teacher, x.teacher_weight
+        return {
+            "logsumexp": lambda: ok.fused_linear_logsumexp(hs, ws, **kw),
+            "token_logprobs": lambda: ok.fused_linear_token_logprobs(hs, ws, x.tokens, **kw),
+            "reverse_kl": lambda: ok.fused_linear_reverse_kl(hs, ws, ht, wt, **kw),
+            "topk_overlap": lambda: ok.fused_linear_topk_overlap(hs, ws, ht, wt, k=k, **kw),
+        }.get(case.op, lambda: ok.fused_linear_opd_loss(hs, ws, ht, wt, objective=case.objective,
+                                                       tokens=tokens, k=k, **kw))
+    return build
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile once per baseline function; dynamic shapes so that N and V reuse it."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _pytorch(compiled: bool):
+    """Eager (or torch.compile of) the natural code. In the fused form the lm_head matmuls run
+    eagerly (cuBLAS either way) and the compiled part is the loss on the materialized logits."""
+    def build(case: Case, mode: str, x: Inputs, k: int, tau: float):
+        fn = baselines.LOGITS_OPS[case.op]
+        fn = _compiled(fn) if compiled else fn
+        if case.form == "logits":
+            return lambda: fn(x.student, x.teacher, x.tokens, k, tau)
+
+        def fused():
+            s, t = baselines.fused_inputs(case.op, x.student, x.student_weight, x.teacher,
+                                          x.teacher_weight)
+            return fn(s, t, x.tokens, k, tau)
+        return fused
+    return build
+
+
+_KL_OPS = ("reverse_kl", "opd_full")
+
+
+def _scaled(z, tau):
+    return z if tau == 1.0 else z / tau
+
+
+def _liger_jsd(case, mode, x, k, tau):
+    """LigerJSD(beta=1) = KL(student || teacher); it takes log-probs, made by log_softmax."""
+    if case.form != "logits" or case.op not in _KL_OPS:
+        raise NotApplicable
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(beta=1.0)
+    return lambda: jsd(torch.log_softmax(_scaled(x.student, tau), dim=-1),
+                       torch.log_softmax(_scaled(x.teacher, tau), dim=-1))
+
+
+def _liger_fused_jsd(case, mode, x, k, tau):
+    if case.form != "fused" or case.op not in _KL_OPS:
+        raise NotApplicable
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    loss = LigerFusedLinearJSD(jsd_beta=1.0, temperature=tau)
+    return lambda: loss(x.student, x.student_weight, x.teacher, x.teacher_weight, None)
+
+
+def _liger_chunked_jsd(case, mode, x, k, tau):
+    """The torch.compile'd chunked loss, soft (distillation) term only."""
+    if case.form != "fused" or case.op not in _KL_OPS:
+        raise NotApplicable
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
+                                   temperature=tau)
+    return lambda: loss(x.student, x.student_weight, x.teacher, x.teacher_weight, x.tokens)
+
+
+def _cce(case, mode, x, k, tau):
+    """Cut Cross-Entropy: token log-probs = -linear_cross_entropy; lse from its forward kernel
+    (forward only: it has no lse backward of its own). No temperature."""
+    if case.form != "fused" or tau != 1.0:
+        raise NotApplicable
+    if case.op == "token_logprobs":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda: -linear_cross_entropy(x.student, x.student_weight, x.tokens, reduction="none")
+    if case.op == "logsumexp" and mode == "fwd":
+        from cut_cross_entropy.cce_lse_forward import cce_lse_forward_kernel
+
+        return lambda: cce_lse_forward_kernel(x.student, x.student_weight)
+    raise NotApplicable
+
+
+IMPLS = {impl.name: impl for impl in (
+    Impl("opd-triton", "ours", _ours("triton")),
+    Impl("opd-torch", "ours", _ours("torch")),
+    Impl("eager", "pytorch", _pytorch(compiled=False)),
+    Impl("compile", "pytorch", _pytorch(compiled=True)),
+    Impl("liger-jsd", "peer", _liger_jsd, peer="liger_kernel"),
+    Impl("liger-fused-jsd", "peer", _liger_fused_jsd, peer="liger_kernel"),
+    Impl("liger-chunked-jsd", "peer", _liger_chunked_jsd, peer="liger_kernel"),
+    Impl("cce", "peer", _cce, peer="cut_cross_entropy"),
+)}
+GPU_IMPLS = ("opd-triton", "eager", "compile", "liger-jsd", "liger-fused-jsd",
+             "liger-chunked-jsd", "cce")
+CPU_IMPLS = ("opd-torch", "eager")
+PEER_PACKAGES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}
+
+
+def peer_status(module: str) -> str:
+    """The installed version, "absent", or "unusable: <why>" when the import fails."""
+    if importlib.util.find_spec(module) is None:
+        return "absent"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # a peer that cannot load is reported, not fatal
+        return f"unusable: {type(exc).__name__}: {exc}"[:200]
+    try:
+        return importlib.metadata.version(PEER_PACKAGES[module])
+    except importlib.metadata.PackageNotFoundError:
+        return "present"
+
+
+def peer_usable(status: str) -> bool:
+    return status != "absent" and not status.startswith("unusable")

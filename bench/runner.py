@@ -1,0 +1,193 @@
+"""Runs a list of cases against a list of implementations and returns the results payload.
+
+Jobs run case by case (inputs shared by the implementations), torch.compile's last: its compile
+time is the largest fixed cost, so under a time budget it is the first thing dropped. A job past
+the budget is recorded as skipped, so a run always ends in time and says what it left out.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .impls import IMPLS, NotApplicable, peer_status, peer_usable
+from .registry import Case
+from .roofline import floor_ms, measure_ceilings
+from .timing import Budget, is_oom, measure, release_memory
+from .workloads import floor, make_inputs
+
+
+@dataclass
+class Config:
+    cases: list[Case]
+    impls: tuple[str, ...]
+    device: torch.device
+    dtype: torch.dtype
+    preset: str
+    temperature: float = 1.0
+    k: int = 16
+    budget: Budget = field(default_factory=Budget)
+    time_budget_s: Optional[float] = None
+    ceiling_copy_bytes: int = 2 << 30
+    ceiling_matmul_size: int = 8192
+
+
+def git_commit() -> tuple[str, bool]:
+    """(short commit, tracked files modified) of the repository holding this package;
+    ("unknown", False) outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain",
+                                                              "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    commit, dirty = git_commit()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device), "device_slug": device_slug(device),
+        "commit": commit, "dirty": dirty, "python": sys.version.split()[0],
+        "torch": torch.__version__, "triton": triton_version,
+    }
+
+
+def _speedups(rows: list[dict]) -> None:
+    """Each of our rows gets baseline median / our median for every baseline of the same job."""
+    by_job: dict = {}
+    for row in rows:
+        by_job.setdefault((row["case"], row["mode"]), []).append(row)
+    for group in by_job.values():
+        timed = {r["impl"]: r["median_ms"] for r in group if r["status"] == "ok"}
+        for row in group:
+            if row["kind"] == "ours" and row["impl"] in timed:
+                row["speedup_vs"] = {name: ms / timed[row["impl"]] for name, ms in timed.items()
+                                     if name != row["impl"]}
+
+
+def run(config: Config, log=print) -> dict:
+    started = time.perf_counter()
+    device, itemsize = config.device, torch.empty((), dtype=config.dtype).element_size()
+    peers = {impl.peer: peer_status(impl.peer) for impl in IMPLS.values() if impl.peer}
+    impls = [IMPLS[name] for name in config.impls
+             if IMPLS[name].peer is None or peer_usable(peers[IMPLS[name].peer])]
+    log(f"peers: {peers}")
+    ceilings = measure_ceilings(device, config.dtype, config.ceiling_copy_bytes,
+                                config.ceiling_matmul_size, config.budget)
+    log(f"ceilings: {ceilings}")
+
+    phases = [[i for i in impls if i.name != "compile"], [i for i in impls if i.name == "compile"]]
+    rows: list[dict] = []
+    for phase in filter(None, phases):
+        for case in config.cases:
+            for mode in case.modes:
+                rows.extend(_run_case_mode(case, mode, phase, config, ceilings, itemsize, started, log))
+    _speedups(rows)
+    meta = environment(device)
+    meta.update(preset=config.preset, dtype=str(config.dtype).replace("torch.", ""),
+                temperature=config.temperature, k=config.k, impls=[i.name for i in impls],
+                peers=peers, ceilings=ceilings, time_budget_s=config.time_budget_s,
+                budget=vars(config.budget), wall_s=time.perf_counter() - started)
+    return {"meta": meta, "rows": rows}
+
+
+def _row(case: Case, mode: str, impl, config: Config) -> dict:
+    m = case.model
+    return {"case": case.label, "op": case.op, "form": case.form, "model": m.name, "n": case.n,
+            "vocab": m.vocab, "student_hidden": m.student_hidden, "teacher_hidden": m.teacher_hidden,
+            "mode": mode, "impl": impl.name, "kind": impl.kind}
+
+
+def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) -> list[dict]:
+    quantity, amount = floor(case, mode, itemsize, config.k)
+    floor_time = floor_ms(quantity, amount, ceilings)
+    rows, inputs = [], None
+    try:
+        for impl in impls:
+            row = _row(case, mode, impl, config)
+            row.update(floor_quantity=quantity, floor_amount=amount, floor_ms=floor_time)
+            if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
+                rows.append({**row, "status": "skipped: time budget"})
+                continue
+            if inputs is None:
+                try:
+                    inputs = make_inputs(case, config.dtype, config.device, mode == "fwd+bwd")
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    rows.append({**row, "status": "OOM (inputs)"})
+                    continue
+            try:
+                fn = impl.build(case, mode, inputs, config.k, config.temperature)
+            except NotApplicable:
+                continue
+            except Exception as exc:
+                rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:300]})
+                log(f"{case.label} {mode} {impl.name}: {rows[-1]['status']}")
+                continue
+            result = measure(_step(fn, mode), _reset(inputs), config.device, config.budget)
+            row.update(result.as_dict())
+            if result.status == "ok" and floor_time:
+                row["fraction_of_floor"] = floor_time / result.median_ms
+            rows.append(row)
+            log(_log_line(row))
+    finally:
+        del inputs
+        release_memory(config.device)
+    return rows
+
+
+def _step(fn, mode: str):
+    def run_once():
+        out = fn()
+        if mode == "fwd+bwd":
+            (out if out.dim() == 0 else out.sum()).backward()
+    return run_once
+
+
+def _reset(inputs):
+    def reset():
+        for leaf in inputs.grad_leaves():
+            leaf.grad = None
+    return reset
+
+
+def _log_line(row: dict) -> str:
+    head = f"{row['case']:<48} {row['mode']:<8} {row['impl']:<18}"
+    if row["status"] != "ok":
+        return f"{head} {row['status']}"
+    mem = row.get("peak_extra_bytes")
+    mem_text = f" {mem / 2**20:9.1f} MiB" if mem is not None else ""
+    frac = row.get("fraction_of_floor")
+    frac_text = f" {100 * frac:5.1f}% of floor" if frac else ""
+    return f"{head} {row['median_ms']:9.3f} ms{mem_text}{frac_text}"
