@@ -1,0 +1,34 @@
+"""The logits tile every fused-linear kernel is built on: z = (h W^T) / tau for a block of rows
+and a block of vocabulary ids, accumulated in fp32 over the hidden dimension with ``tl.dot``.
+
+Operands stay in their storage dtype so that bf16/fp16 reach the tensor cores (HGMMA on sm_90);
+fp32 inputs use ``ieee`` precision (tf32 would cost ~1e-3 relative error). Rows past ``n_rows``
+and ids past ``n_vocab`` load zeros: callers mask them out of their statistics.
+"""
+import triton
+import triton.language as tl
+
+AOT_SPECS = []  # helpers only: compiled as part of the kernels that use them
+
+
+@triton.jit
+def logits_tile(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_vocab, hidden_size,
+                stride_hn, stride_wv, inv_tau,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] tile of hidden[offs_n] @ weight[offs_v]^T * inv_tau."""
+    offs_h = tl.arange(0, BLOCK_H)
+    row_ok = offs_n < n_rows
+    col_ok = offs_v < n_vocab
+    h_ptrs = hidden_ptr + offs_n[:, None].to(tl.int64) * stride_hn + offs_h[None, :]
+    # W is read as its transpose [BLOCK_H, BLOCK_V] directly, so tl.dot needs no permute.
+    w_ptrs = weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_h[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, hidden_size, BLOCK_H):
+        h_ok = (offs_h + h0) < hidden_size
+        a = tl.load(h_ptrs, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    return acc * inv_tau

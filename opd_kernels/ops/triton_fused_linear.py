@@ -1,0 +1,408 @@
+"""Fused-linear backend: OPD losses and statistics from hidden states, logits never in memory.
+
+Implements the ``fused_linear_*`` functions of the backend interface (rows already flattened to
+2D, ``vocab_size`` = K filled in by the public layer). The forward kernels compute logits tiles
+z = h W^T / tau with ``tl.dot`` and keep only per-row statistics; the backward recomputes the
+tiles, writes one token chunk of dL/du (u = h W^T) at a time, and turns it into dh and dW with
+two GEMMs (dW accumulated in ``weight_grad_dtype``, fp32 by default, then cast).
+
+FLOPs per call, with P_s = 2 N K Hs and P_t = 2 N K Ht one lm_head product of each model; the
+floor is what no implementation can avoid (forward products it needs + dense backward 2 P_s):
+    objective  forward              backward                 total           floor
+    full       P_s + P_t            P_s + P_t (recompute)    3P_s+2P_t+2P_s  P_s+P_t+2P_s
+                                    + 2 P_s (GEMMs)
+    sampled    P_s + P_t            P_s (recompute) + 2 P_s  4 P_s + P_t     3 P_s + P_t
+    topk       P_s + 2 N k Ht       4 N k Hs (sparse)        P_s + ~0        P_s
+    logsumexp / token log-probs: P_s forward, P_s + 2 P_s backward (floor 3 P_s).
+``return_stats`` adds the teacher's own top-k and both entropies: free for ``sampled`` (its
+passes carry them), + P_t for ``topk`` (the teacher pass it otherwise skips), + P_s + P_t for
+``full`` (its pair pass does not carry the top-k; two single-model passes run beside it).
+The backward's recomputation could be traded for a stored [N, K] tile buffer; that knob is not
+built: ``scratch_bytes`` bounds only the chunk of dL/du (default 256 MiB).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from opd_kernels.kernels.fused_linear_grad import fused_linear_grad_logits_kernel
+from opd_kernels.kernels.fused_linear_kl import fused_linear_kl_kernel, fused_linear_kl_merge_kernel
+from opd_kernels.kernels.fused_linear_lse import fused_linear_lse_kernel, fused_linear_lse_merge_kernel
+from opd_kernels.kernels.fused_linear_topk import (fused_linear_gather_logits_kernel,
+                                                   fused_linear_sparse_grad_kernel)
+from opd_kernels.stats import TopKStats
+
+DEFAULT_SCRATCH_BYTES = 256 * 2**20
+# dW += dU^T h runs over vocabulary slices so that the GEMM's temporary stays small
+_WEIGHT_GRAD_SLICE = 16384
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+
+
+def _tiles(hidden: torch.Tensor) -> _Tiles:
+    """Hopper-sized tiles on a GPU (bf16/fp16: 128x128 logits, K-blocks of 64, so tl.dot maps to
+    HGMMA); fp32 halves the row block. The CPU interpreter has no tensor cores and pays per
+    element, so it gets the smallest tiles tl.dot accepts."""
+    rows, width = hidden.shape
+    if hidden.is_cuda:
+        if hidden.dtype == torch.float32:
+            return _Tiles(64, 128, 32, 8)
+        return _Tiles(128, 128, 64, 8)
+    return _Tiles(min(64, max(16, triton.next_power_of_2(rows))), 128,
+                  min(128, max(16, triton.next_power_of_2(width))), 4)
+
+
+def _vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split): enough programs to fill the GPU twice when rows are few."""
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    wanted = min(vocab_tiles, max(1, triton.cdiv(2 * units, row_blocks)))
+    per_split = triton.cdiv(vocab_tiles, wanted)
+    return triton.cdiv(vocab_tiles, per_split), per_split
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _k_pad(k: int, block_v: int) -> int:
+    k_pad = max(2, triton.next_power_of_2(k))
+    if k_pad > block_v:
+        raise ValueError(f"k={k} is larger than the fused-linear top-k supports ({block_v})")
+    return k_pad
+
+
+@dataclass
+class _RowStats:
+    lse: torch.Tensor
+    mean_logit: Optional[torch.Tensor] = None   # sum_v p_v z_v (entropy = lse - mean_logit)
+    target_logit: Optional[torch.Tensor] = None  # z_y
+    topk_ids: Optional[torch.Tensor] = None      # [N, k] int64, descending
+    topk_logits: Optional[torch.Tensor] = None   # [N, k] fp32 z at those ids (exact)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        return self.lse - self.mean_logit
+
+
+def _row_stats(hidden, weight, vocab_size, temperature, target=None, entropy=False, k=0,
+               splits=None) -> _RowStats:
+    """One model's per-row statistics in one pass over its logits tiles (fused_linear_lse.py)."""
+    hidden, weight = _rows(hidden), _rows(weight)
+    n, width = hidden.shape
+    t = _tiles(hidden)
+    row_blocks, vocab_tiles = triton.cdiv(n, t.block_n), triton.cdiv(vocab_size, t.block_v)
+    n_splits, per_split = _vocab_splits(row_blocks, vocab_tiles, hidden.device)
+    if splits is not None:  # tests pin the split count to exercise the merge
+        per_split = triton.cdiv(vocab_tiles, splits)
+        n_splits = triton.cdiv(vocab_tiles, per_split)
+    k_pad = _k_pad(k, t.block_v) if k else 1
+    part = lambda: torch.empty(n_splits, n, dtype=torch.float32, device=hidden.device)
+    part_max, part_sum = part(), part()
+    part_zsum = part() if entropy else None
+    part_target = part() if target is not None else None
+    part_keys = (torch.empty(n_splits, n, k_pad, dtype=torch.int64, device=hidden.device)
+                 if k else None)
+    fused_linear_lse_kernel[(row_blocks, n_splits)](
+        hidden, weight, target, part_max, part_sum, part_zsum, part_target, part_keys,
+        n, vocab_size, width, hidden.stride(0), weight.stride(0), 1.0 / temperature, per_split,
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, K_PAD=k_pad,
+        num_warps=t.num_warps)
+    row = lambda: torch.empty(n, dtype=torch.float32, device=hidden.device)
+    out = _RowStats(lse=row(), mean_logit=row() if entropy else None,
+                    target_logit=row() if target is not None else None)
+    if k:
+        out.topk_ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+        out.topk_logits = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    merge_rows = 64
+    fused_linear_lse_merge_kernel[(triton.cdiv(n, merge_rows),)](
+        part_max, part_sum, part_zsum, part_target, part_keys,
+        out.lse, out.mean_logit, out.target_logit, out.topk_ids, out.topk_logits,
+        n, n_splits, k, BLOCK_N=merge_rows, K_PAD=k_pad)
+    return out
+
+
+def _pair_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, vocab_size,
+             temperature, splits=None):
+    """(lse_s, lse_t, KL) per row in one pass over both models' tiles (fused_linear_kl.py)."""
+    hs, ws, ht, wt = map(_rows, (student_hidden, student_weight, teacher_hidden, teacher_weight))
+    n = hs.shape[0]
+    t = _tiles(hs if hs.shape[1] >= ht.shape[1] else ht)
+    row_blocks, vocab_tiles = triton.cdiv(n, t.block_n), triton.cdiv(vocab_size, t.block_v)
+    n_splits, per_split = _vocab_splits(row_blocks, vocab_tiles, hs.device)
+    if splits is not None:
+        per_split = triton.cdiv(vocab_tiles, splits)
+        n_splits = triton.cdiv(vocab_tiles, per_split)
+    parts = [torch.empty(n_splits, n, dtype=torch.float32, device=hs.device) for _ in range(5)]
+    fused_linear_kl_kernel[(row_blocks, n_splits)](
+        hs, ws, ht, wt, *parts, n, vocab_size, hs.shape[1], ht.shape[1],
+        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0), 1.0 / temperature, per_split,
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, num_warps=t.num_warps)
+    lse_s, lse_t, kl = (torch.empty(n, dtype=torch.float32, device=hs.device) for _ in range(3))
+    merge_rows = 128
+    fused_linear_kl_merge_kernel[(triton.cdiv(n, merge_rows),)](
+        *parts, lse_s, lse_t, kl, n, n_splits, BLOCK_N=merge_rows)
+    return lse_s, lse_t, kl
+
+
+def _gather_logits(hidden, weight, ids, temperature) -> torch.Tensor:
+    """z[n, j] = h[n] . W[ids[n, j]] / tau, fp32 [N, k] (fused_linear_topk.py)."""
+    hidden, weight = _rows(hidden), _rows(weight)
+    n, k = ids.shape
+    out = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    if n:
+        fused_linear_gather_logits_kernel[(n,)](
+            hidden, weight, ids, out, k, hidden.shape[1], hidden.stride(0), weight.stride(0),
+            1.0 / temperature, K_PAD=max(2, triton.next_power_of_2(k)),
+            BLOCK_H=min(128, triton.next_power_of_2(hidden.shape[1])))
+    return out
+
+
+# ----------------------------------------------------------------------------- backward plans
+
+@dataclass
+class _DensePlan:
+    """dL/du_v = p_v (alpha + gamma (z^s_v - z^t_v)) + beta [v == y] (see fused_linear_grad.py)."""
+    vocab_size: int
+    temperature: float
+    lse: torch.Tensor
+    alpha: torch.Tensor
+    beta: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
+    gamma: Optional[torch.Tensor] = None
+    teacher_hidden: Optional[torch.Tensor] = None
+    teacher_weight: Optional[torch.Tensor] = None
+    weight_grad_dtype: torch.dtype = torch.float32
+    scratch_bytes: int = DEFAULT_SCRATCH_BYTES
+
+    def backward(self, hidden, weight, grad, need_hidden, need_weight):
+        hidden, weight = _rows(hidden), _rows(weight)
+        n, width = hidden.shape
+        k = self.vocab_size
+        scale = lambda c: None if c is None else (c * grad).contiguous()
+        alpha, beta, gamma = scale(self.alpha), scale(self.beta), scale(self.gamma)
+        t = _tiles(hidden)
+        chunk = max(t.block_n, self.scratch_bytes // (k * hidden.element_size()) // t.block_n * t.block_n)
+        chunk = min(chunk, n)
+        grad_logits = torch.empty(chunk, k, dtype=hidden.dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=self.weight_grad_dtype, device=weight.device)
+                       if need_weight else None)
+        th, tw = self.teacher_hidden, self.teacher_weight
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            rows = slice(c0, c1)
+            g = grad_logits[: c1 - c0]
+            at = lambda x: None if x is None else x[rows]
+            fused_linear_grad_logits_kernel[(triton.cdiv(c1 - c0, t.block_n), triton.cdiv(k, t.block_v))](
+                hidden[rows], weight, at(th), tw, at(self.target),
+                self.lse[rows], alpha[rows], at(beta), at(gamma), g,
+                c1 - c0, k, width, 0 if th is None else th.shape[1],
+                hidden.stride(0), weight.stride(0), 0 if th is None else th.stride(0),
+                0 if tw is None else tw.stride(0), g.stride(0), 1.0 / self.temperature,
+                BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_H=t.block_h, num_warps=t.num_warps)
+            if need_hidden:
+                torch.mm(g, weight[:k], out=grad_hidden[rows])
+            if need_weight:
+                _accumulate_weight_grad(grad_weight, g, hidden[rows])
+        return grad_hidden, _finish_weight_grad(grad_weight, weight)
+
+
+def _accumulate_weight_grad(grad_weight, grad_logits, hidden):
+    """grad_weight[:K] += grad_logits^T hidden, the product rounded once per chunk at most."""
+    k = grad_logits.shape[1]
+    wide = (grad_logits.is_cuda and grad_weight.dtype == torch.float32
+            and grad_logits.dtype in (torch.bfloat16, torch.float16))
+    for v0 in range(0, k, _WEIGHT_GRAD_SLICE):
+        v1 = min(k, v0 + _WEIGHT_GRAD_SLICE)
+        lhs = grad_logits[:, v0:v1].t()
+        # cuBLAS can write the bf16/fp16 GEMM's fp32 accumulator directly
+        product = torch.mm(lhs, hidden, out_dtype=torch.float32) if wide else torch.mm(lhs, hidden)
+        grad_weight[v0:v1] += product
+
+
+def _finish_weight_grad(grad_weight, weight):
+    return None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+@dataclass
+class _SparsePlan:
+    """dL/du nonzero only at ids [N, k]: grad_logits [N, k] fp32 (1/tau folded in)."""
+    ids: torch.Tensor
+    grad_logits: torch.Tensor
+    weight_grad_dtype: torch.dtype = torch.float32
+
+    def backward(self, hidden, weight, grad, need_hidden, need_weight):
+        hidden, weight = _rows(hidden), _rows(weight)
+        n, width = hidden.shape
+        k = self.ids.shape[1]
+        g = (self.grad_logits * grad[:, None]).contiguous()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # atomics need fp32 (or wider): a narrower weight_grad_dtype still accumulates in fp32
+        acc_dtype = self.weight_grad_dtype if self.weight_grad_dtype == torch.float64 else torch.float32
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        block_h = min(128, triton.next_power_of_2(width))
+        if n and (need_hidden or need_weight):
+            fused_linear_sparse_grad_kernel[(n, triton.cdiv(width, block_h))](
+                hidden, weight, self.ids, g, grad_hidden, grad_weight, k, width,
+                hidden.stride(0), weight.stride(0), width, width,
+                K_PAD=max(2, triton.next_power_of_2(k)), BLOCK_H=block_h)
+        return grad_hidden, _finish_weight_grad(grad_weight, weight)
+
+
+class _FromPlan(torch.autograd.Function):
+    """Attaches a backward plan to per-row values computed without autograd."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, values, plan):
+        ctx.save_for_backward(hidden, weight)
+        ctx.plan = plan
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.plan.backward(
+            hidden, weight, grad.float(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None
+
+
+def _attach(hidden, weight, values, plan):
+    if not (hidden.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
+        return values
+    return _FromPlan.apply(hidden, weight, values, plan)
+
+
+def _masked(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return values if mask is None else torch.where(mask, values, torch.zeros_like(values))
+
+
+def _same_dtype(hidden, weight):
+    return hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- backend interface
+
+def fused_linear_logsumexp(hidden, weight, temperature, vocab_size, weight_grad_dtype=torch.float32):
+    hidden = _same_dtype(hidden, weight)
+    with torch.no_grad():
+        st = _row_stats(hidden.detach(), weight.detach(), vocab_size, temperature)
+    alpha = torch.full_like(st.lse, 1.0 / temperature)
+    plan = _DensePlan(vocab_size, temperature, st.lse, alpha, weight_grad_dtype=weight_grad_dtype)
+    return _attach(hidden, weight, st.lse, plan)
+
+
+def fused_linear_token_logprobs(hidden, weight, tokens, temperature, vocab_size,
+                                weight_grad_dtype=torch.float32):
+    hidden = _same_dtype(hidden, weight)
+    tokens = tokens.contiguous()
+    with torch.no_grad():
+        st = _row_stats(hidden.detach(), weight.detach(), vocab_size, temperature, target=tokens)
+    alpha = torch.full_like(st.lse, -1.0 / temperature)
+    plan = _DensePlan(vocab_size, temperature, st.lse, alpha, beta=-alpha, target=tokens,
+                      weight_grad_dtype=weight_grad_dtype)
+    return _attach(hidden, weight, st.target_logit - st.lse, plan)
+
+
+def fused_linear_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                            temperature, vocab_size, weight_grad_dtype=torch.float32):
+    return fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                 "full", None, 1, mask, temperature, False, vocab_size,
+                                 weight_grad_dtype)[0]
+
+
+def _overlap_stats(student: _RowStats, teacher: _RowStats, teacher_at_student_topk: torch.Tensor,
+                   k: int, mask: Optional[torch.Tensor]) -> TopKStats:
+    """The TopKStats fields from both passes' top-k, lse and entropy, and z_t at S: every sum
+    over S ∩ T runs over the student's k ids, so nothing else of either vocabulary is needed."""
+    shared = (student.topk_ids[:, :, None] == teacher.topk_ids[:, None, :]).any(-1)
+    n_shared = shared.sum(-1)
+    zero = torch.zeros_like(teacher_at_student_topk)
+    log_p = student.topk_logits - student.lse[:, None]
+    log_q = teacher_at_student_topk - teacher.lse[:, None]
+    student_mass = torch.where(shared, log_p.exp(), zero).sum(-1)
+    teacher_mass = torch.where(shared, log_q.exp(), zero).sum(-1)
+    log_p_bar = log_p - student_mass.log()[:, None]
+    log_q_bar = log_q - teacher_mass.log()[:, None]
+    terms = torch.where(shared, log_p_bar.exp() * (log_q_bar - log_p_bar), zero).sum(-1)
+    nan = torch.full_like(terms, float("nan"))
+    advantage = torch.where(n_shared > 0, terms / n_shared.clamp(min=1), nan)
+    h_p, h_q = student.entropy, teacher.entropy
+    fields = dict(overlap=n_shared.float() / k, student_mass=student_mass,
+                  teacher_mass=teacher_mass, overlap_advantage=advantage, student_entropy=h_p,
+                  teacher_entropy=h_q, entropy_gap=(h_q - h_p).abs())
+    if mask is not None:
+        fields = {name: torch.where(mask, v, nan) for name, v in fields.items()}
+    return TopKStats(**fields, mask=mask)
+
+
+def fused_linear_topk_overlap(student_hidden, student_weight, teacher_hidden, teacher_weight, k,
+                              mask, temperature, vocab_size):
+    with torch.no_grad():
+        hs, ht = _same_dtype(student_hidden, student_weight), _same_dtype(teacher_hidden, teacher_weight)
+        student = _row_stats(hs, student_weight, vocab_size, temperature, entropy=True, k=k)
+        teacher = _row_stats(ht, teacher_weight, vocab_size, temperature, entropy=True, k=k)
+        at_s = _gather_logits(ht, teacher_weight, student.topk_ids, temperature)
+        return _overlap_stats(student, teacher, at_s, k, mask)
+
+
+def fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, objective,
+                          tokens, k, mask, temperature, return_stats, vocab_size,
+                          weight_grad_dtype=torch.float32):
+    hs = _same_dtype(student_hidden, student_weight)
+    ht = _rows(_same_dtype(teacher_hidden.detach(), teacher_weight))
+    wt = _rows(teacher_weight.detach())
+    hs_, ws_ = hs.detach(), student_weight.detach()
+    stats = None
+    with torch.no_grad():
+        if objective == "topk":
+            student = _row_stats(hs_, ws_, vocab_size, temperature, entropy=return_stats, k=k)
+            teacher_at_s = _gather_logits(ht, wt, student.topk_ids, temperature)
+            # KL(p̄ || q̄) over S: both lse cancel in the renormalization (reference.renormalized_kl)
+            log_p_bar = torch.log_softmax(student.topk_logits, dim=-1)
+            log_q_bar = torch.log_softmax(teacher_at_s, dim=-1)
+            p_bar = log_p_bar.exp()
+            values = (p_bar * (log_p_bar - log_q_bar)).sum(-1)
+            grad_logits = p_bar * (log_p_bar - log_q_bar - values[:, None]) / temperature
+            if mask is not None:
+                grad_logits = torch.where(mask[:, None], grad_logits, torch.zeros_like(grad_logits))
+            plan = _SparsePlan(student.topk_ids, grad_logits, weight_grad_dtype)
+            if return_stats:
+                teacher = _row_stats(ht, wt, vocab_size, temperature, entropy=True, k=k)
+                stats = _overlap_stats(student, teacher, teacher_at_s, k, mask)
+        elif objective == "sampled":
+            tokens = tokens.contiguous()
+            stat_k = k if return_stats else 0
+            student = _row_stats(hs_, ws_, vocab_size, temperature, target=tokens,
+                                 entropy=return_stats, k=stat_k)
+            teacher = _row_stats(ht, wt, vocab_size, temperature, target=tokens,
+                                 entropy=return_stats, k=stat_k)
+            log_p_y = student.target_logit - student.lse
+            reward = _masked(teacher.target_logit - teacher.lse - log_p_y, mask)
+            values = -reward * log_p_y
+            plan = _DensePlan(vocab_size, temperature, student.lse, reward / temperature,
+                              beta=-reward / temperature, target=tokens,
+                              weight_grad_dtype=weight_grad_dtype)
+            if return_stats:
+                teacher_at_s = _gather_logits(ht, wt, student.topk_ids, temperature)
+                stats = _overlap_stats(student, teacher, teacher_at_s, k, mask)
+        elif objective == "full":
+            lse_s, lse_t, values = _pair_kl(hs_, ws_, ht, wt, vocab_size, temperature)
+            gamma = _masked(torch.full_like(values, 1.0 / temperature), mask)
+            alpha = gamma * (lse_t - lse_s - values)
+            plan = _DensePlan(vocab_size, temperature, lse_s, alpha, gamma=gamma, teacher_hidden=ht,
+                              teacher_weight=wt, weight_grad_dtype=weight_grad_dtype)
+            if return_stats:
+                stats = fused_linear_topk_overlap(hs_, ws_, ht, wt, k, mask, temperature, vocab_size)
+        else:
+            raise ValueError(f"objective must be 'full', 'sampled' or 'topk', got {objective!r}")
+        values = _masked(values, mask)
+    return _attach(hs, student_weight, values, plan), stats
