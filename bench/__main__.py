@@ -71,11 +71,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         device=torch.device("cpu" if cpu else "cuda"),
         dtype=DTYPES[args.dtype or ("fp32" if cpu else "bf16")],
         preset=preset, temperature=args.temperature, k=args.k,
-        budget=Budget(target_ms=args.target_ms or (100.0 if cpu else 150.0),
+        budget=Budget(target_ms=(100.0 if cpu else 150.0) if args.target_ms is None else args.target_ms,
                       min_reps=args.min_reps),
         time_budget_s=budget_s,
-        ceiling_copy_bytes=(256 << 20) if cpu else (2 << 30),
-        ceiling_matmul_size=1024 if cpu else 8192,
+        ceiling_copy_bytes=(64 << 20) if cpu else (2 << 30),
+        ceiling_matmul_size=512 if cpu else 8192,
     )
 
 

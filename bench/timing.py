@@ -44,8 +44,10 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def release_memory(device: torch.device) -> None:
-    gc.collect()
+    """Return cached GPU memory so that the next implementation starts from the same state
+    (collecting first: a failed call's traceback can hold its tensors in a cycle)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -1,0 +1,169 @@
+"""The benchmark harness on the CPU: a tiny run end to end, OOM as a result, absent peers,
+the baselines against the reference, the roofline floors and the goal verdicts."""
+import json
+
+import pytest
+import torch
+
+from bench import __main__ as bench_main
+from bench import baselines, registry, report, runner
+from bench.impls import IMPLS, Impl, peer_status
+from bench.registry import OPS, Case
+from bench.timing import Budget, measure
+from bench.workloads import floor, fused_floor_flops, logits_floor_bytes
+from opd_kernels import reference as R
+
+TINY = registry.TINY
+FAST = Budget(target_ms=0.0, min_reps=1, max_reps=1)
+
+
+def tiny_config(impls, cases=None, **kw):
+    cases = cases or [Case("reverse_kl", "logits", TINY, 4), Case("opd_topk", "fused", TINY, 4)]
+    return runner.Config(cases=cases, impls=impls, device=torch.device("cpu"), dtype=torch.float32,
+                         preset="cpu", budget=FAST, ceiling_copy_bytes=1 << 16,
+                         ceiling_matmul_size=32, **kw)
+
+
+def test_tiny_cpu_run_writes_json_and_markdown(tmp_path):
+    bench_main.main(["--cpu", "--models", "tiny", "--n", "4", "--ops", "reverse_kl", "topk_overlap",
+                     "opd_sampled", "--target-ms", "0", "--min-reps", "1", "--no-png", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("cpu_*_cpu.json")
+    payload = json.loads(path.read_text())
+    jobs = {(r["op"], r["form"], r["mode"], r["impl"]): r for r in payload["rows"]}
+    expected = {(op, form, mode, impl) for op in ("reverse_kl", "topk_overlap", "opd_sampled")
+                for form in registry.FORMS for mode in Case(op, form, TINY, 4).modes
+                for impl in ("opd-torch", "eager")}
+    assert set(jobs) == expected
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in jobs.values()), \
+        [r["status"] for r in jobs.values() if r["status"] != "ok"]
+    ours = jobs[("reverse_kl", "logits", "fwd+bwd", "opd-torch")]
+    assert ours["speedup_vs"]["eager"] == pytest.approx(
+        jobs[("reverse_kl", "logits", "fwd+bwd", "eager")]["median_ms"] / ours["median_ms"])
+    assert payload["meta"]["ceilings"]["bandwidth_bytes_per_s"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert "### logits form" in md and "### fused form" in md and "| opd_sampled | tiny | 4 |" in md
+
+
+def _oom(case, mode, x, k, tau):
+    def run():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return run
+
+
+def test_oom_in_a_baseline_is_recorded_not_raised(monkeypatch):
+    monkeypatch.setitem(IMPLS, "oom-baseline", Impl("oom-baseline", "pytorch", _oom))
+    payload = runner.run(tiny_config(("opd-torch", "oom-baseline")), log=lambda *_: None)
+    statuses = {(r["case"], r["mode"], r["impl"]): r["status"] for r in payload["rows"]}
+    assert {s for (_, _, impl), s in statuses.items() if impl == "oom-baseline"} == {"OOM"}
+    assert {s for (_, _, impl), s in statuses.items() if impl == "opd-torch"} == {"ok"}
+    assert "OOM" in report.markdown(payload)
+
+
+def test_measure_reports_errors_and_oom():
+    def boom():
+        raise ValueError("bad shape")
+    assert measure(boom, lambda: None, torch.device("cpu"), FAST).status == "error: ValueError: bad shape"
+    assert measure(lambda: _oom(None, None, None, 0, 1.0)(), lambda: None, torch.device("cpu"),
+                   FAST).status == "OOM"
+
+
+def test_absent_and_unusable_peers_are_listed(monkeypatch, tmp_path):
+    (tmp_path / "liger_kernel").mkdir()
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("raise ImportError('needs CUDA')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert peer_status("liger_kernel").startswith("unusable: ImportError: needs CUDA")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert peer_status("cut_cross_entropy") == "absent"
+    payload = runner.run(tiny_config(("opd-torch", "liger-fused-jsd", "cce")), log=lambda *_: None)
+    assert payload["meta"]["peers"] == {"liger_kernel": "absent", "cut_cross_entropy": "absent"}
+    assert payload["meta"]["impls"] == ["opd-torch"]
+    assert {r["impl"] for r in payload["rows"]} == {"opd-torch"}
+    assert "Peers: liger_kernel absent, cut_cross_entropy absent." in report.markdown(payload)
+
+
+def test_time_budget_skips_instead_of_overrunning():
+    payload = runner.run(tiny_config(("opd-torch",), time_budget_s=0.0), log=lambda *_: None)
+    assert payload["rows"] and {r["status"] for r in payload["rows"]} == {"skipped: time budget"}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_baselines_match_reference(op):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(6, 97, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(6, 97, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 97, (6,), generator=g)
+    tau, k = 0.7, 5
+    got = baselines.LOGITS_OPS[op](s, t, y, k, tau)
+    if op == "topk_overlap":
+        want = R.topk_overlap(s, t, k, tau).tensors().values()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, equal_nan=True)
+        return
+    objective = OPS[op]
+    if objective is not None:
+        want = R.per_position_loss(s, t, objective, y, k, tau)
+    else:
+        want = {"logsumexp": lambda: R.logsumexp(s, tau), "reverse_kl": lambda: R.reverse_kl(s, t, tau),
+                "token_logprobs": lambda: R.token_logprobs(s, y, tau)}[op]()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), s)
+    (want_grad,) = torch.autograd.grad(want.sum(), s)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_floors_follow_kernel_design():
+    n, v = 16384, 151936
+    # reverse KL forward + backward in bf16: 10 bytes an element; forward alone 4.
+    assert logits_floor_bytes("reverse_kl", "fwd+bwd", n, v, 2) == 10 * n * v
+    assert logits_floor_bytes("reverse_kl", "fwd", n, v, 2) == 4 * n * v
+    assert logits_floor_bytes("opd_topk", "fwd+bwd", n, v, 2) < logits_floor_bytes("opd_full", "fwd+bwd", n, v, 2)
+    hs, ht, k, n = 1536, 3584, 16, 8192
+    assert fused_floor_flops("opd_full", "fwd+bwd", n, v, hs, ht, k) == 2 * n * v * (hs + ht) + 4 * n * v * hs
+    topk = fused_floor_flops("opd_topk", "fwd+bwd", n, v, hs, ht, k)
+    assert 5 < fused_floor_flops("opd_full", "fwd+bwd", n, v, hs, ht, k) / topk < 8
+    assert floor(Case("opd_full", "fused", registry.QWEN, n), "fwd", 2, k) == ("flops", 2 * n * v * (hs + ht))
+
+
+def test_presets_cover_every_op_and_form():
+    quick, full = registry.preset("quick"), registry.preset("full")
+    assert {(c.op, c.form) for c in quick} == {(op, f) for op in OPS for f in registry.FORMS}
+    assert full[:len(quick)] == quick and len(set(full)) == len(full)
+    assert {c.n for c in full if c.model == registry.QWEN} == set(registry.TOKEN_COUNTS)
+    assert {c.model for c in full} == {registry.QWEN, registry.LLAMA, registry.GEMMA}
+
+
+def _goal_payload(kl_fraction, full_ms, topk_ms):
+    def row(op, form, n, impl, ms, **extra):
+        return {"op": op, "form": form, "model": registry.QWEN.name, "n": n, "mode": "fwd+bwd",
+                "impl": impl, "kind": "ours" if impl.startswith("opd") else "peer", "status": "ok",
+                "median_ms": ms, "case": f"{op}/{form}/{n}", **extra}
+    rows = [row("reverse_kl", "logits", 16384, "opd-triton", 1.0, fraction_of_floor=kl_fraction),
+            row("reverse_kl", "logits", 16384, "eager", 9.0),
+            row("opd_full", "fused", 8192, "opd-triton", full_ms, peak_extra_bytes=2**29),
+            row("opd_topk", "fused", 8192, "opd-triton", topk_ms)]
+    runner._speedups(rows)
+    return {"meta": {"impls": ["opd-triton", "eager"]}, "rows": rows}
+
+
+def test_goal_verdicts():
+    verdicts = {g: (m, v) for g, m, _, v in report.goals(_goal_payload(0.85, 30.0, 10.0))}
+    assert verdicts["reverse KL logits, N=16384, fwd+bwd: fraction of HBM floor"] == ("85%", "met")
+    assert verdicts["reverse KL logits, N=16384, fwd+bwd: speedup vs eager"] == ("9.00x", "met")
+    assert verdicts["reverse KL logits, N=16384, fwd+bwd: speedup vs liger-jsd"][0] == "not measured"
+    assert verdicts["fused full, N=8192, fwd+bwd: peak extra memory"] == ("0.50 GiB", "met")
+    assert verdicts["fused topk vs full, N=8192, fwd+bwd: speedup"] == ("3.00x", "met")
+    slow = {g: v for g, _, _, v in report.goals(_goal_payload(0.5, 30.0, 20.0))}
+    assert slow["reverse KL logits, N=16384, fwd+bwd: fraction of HBM floor"] == "not met"
+    assert slow["fused topk vs full, N=8192, fwd+bwd: speedup"] == "not met"
+
+
+def test_hopper_report_table():
+    from bench.hopper_report import markdown
+
+    rows = [{"kernel": "k[bf16]", "num_warps": 8, "num_stages": 3, "registers": 168, "spill_stores": 0,
+             "spill_loads": 0, "shared_bytes": 98304, "hgmma": 12, "status": "ok", "compile_s": 1.0},
+            {"kernel": "k[fp32]", "num_warps": 4, "num_stages": 2, "status": "error: X", "compile_s": 0.1}]
+    md = markdown(rows, 90, "abc1234")
+    assert "2 specializations: 1 compiled, 1 failed; 1 use HGMMA; 0 spill." in md
+    assert "| k[bf16] | 8 | 3 | 168 | 0 | 0 | 98304 | 12 | 1.0 | ok |" in md
+    assert "all_specs()` is empty" in markdown([], 90, "abc1234")
