@@ -18,7 +18,7 @@ QWEN = ModelShape("qwen2.5-1.5b/7b", 151936, 1536, 3584)
 LLAMA = ModelShape("llama-3-8b", 128256, 4096, 4096)
 GEMMA = ModelShape("gemma-3-1b/4b", 262144, 1152, 2560)
 # Small shapes for the CPU path, where the vocabulary sweep of the GPU suite would take hours.
-CPU_SMALL = ModelShape("cpu-small", 32000, 256, 384)
+CPU_SMALL = ModelShape("cpu-small", 32000, 128, 256)
 TINY = ModelShape("tiny", 257, 32, 48)
 MODELS = {m.name: m for m in (QWEN, LLAMA, GEMMA, CPU_SMALL, TINY)}
 
@@ -80,5 +80,5 @@ def preset(name: str) -> list[Case]:
         rest = grid([QWEN], TOKEN_COUNTS) + grid([LLAMA, GEMMA], [8192])
         return quick + [c for c in rest if c not in quick]
     if name == "cpu":
-        return grid([CPU_SMALL], [256, 1024])
+        return grid([CPU_SMALL], [128, 512])
     raise ValueError(f"unknown preset {name!r}")

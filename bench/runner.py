@@ -155,7 +155,7 @@ def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) 
                 rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:300]})
                 log(f"{case.label} {mode} {impl.name}: {rows[-1]['status']}")
                 continue
-            result = measure(_step(fn, mode), _reset(inputs), config.device, config.budget)
+            result = measure(training_step(fn, mode), clear_grads(inputs), config.device, config.budget)
             row.update(result.as_dict())
             if result.status == "ok" and floor_time:
                 row["fraction_of_floor"] = floor_time / result.median_ms
@@ -167,7 +167,8 @@ def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) 
     return rows
 
 
-def _step(fn, mode: str):
+def training_step(fn, mode: str):
+    """One call of ``fn``, then (fwd+bwd) the backward of its sum (a scalar loss as is)."""
     def run_once():
         out = fn()
         if mode == "fwd+bwd":
@@ -175,7 +176,8 @@ def _step(fn, mode: str):
     return run_once
 
 
-def _reset(inputs):
+def clear_grads(inputs):
+    """Forget the gradients the last step left, so that each step allocates its own."""
     def reset():
         for leaf in inputs.grad_leaves():
             leaf.grad = None
