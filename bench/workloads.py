@@ -52,13 +52,29 @@ def make_inputs(case: Case, dtype: torch.dtype, device, requires_grad: bool, see
         student = randn(n, m.vocab, scale=LOGIT_SCALE)
         teacher = randn(n, m.vocab).add_(student)
         return Inputs(student.requires_grad_(requires_grad), teacher, tokens)
-    # h ~ N(0, 1) and W ~ N(0, s^2 / H) give logits of standard deviation s.
     student = randn(n, m.student_hidden)
-    teacher = randn(n, m.teacher_hidden)
     student_weight = randn(m.vocab, m.student_hidden, scale=LOGIT_SCALE / math.sqrt(m.student_hidden))
-    teacher_weight = randn(m.vocab, m.teacher_hidden, scale=LOGIT_SCALE / math.sqrt(m.teacher_hidden))
+    teacher, teacher_weight = correlated_teacher(student, student_weight, m.teacher_hidden, randn)
     return Inputs(student.requires_grad_(requires_grad), teacher, tokens,
                   student_weight.requires_grad_(requires_grad), teacher_weight)
+
+
+def correlated_teacher(hidden, weight, teacher_hidden_size: int, randn):
+    """A teacher (hidden [N, Ht], weight [V, Ht]) whose logits are the student's plus noise of
+    standard deviation about 1, so that the two top-k sets overlap as real pairs do.
+
+    h ~ N(0, 1) and W ~ N(0, s^2 / H) give logits of standard deviation s. The teacher's hidden
+    state starts with the student's; its weight starts with the student's plus noise and ends
+    with independent columns (Ht >= Hs, as in every pair of the registry).
+    """
+    n, hs = hidden.shape
+    vocab, extra = weight.shape[0], teacher_hidden_size - hs
+    if extra < 0:
+        raise ValueError("the teacher's hidden size must be at least the student's")
+    teacher = torch.cat([hidden.detach(), randn(n, extra)], dim=1)
+    noise = randn(vocab, hs, scale=1.0 / math.sqrt(hs)).add_(weight.detach())
+    teacher_weight = torch.cat([noise, randn(vocab, extra, scale=1.0 / math.sqrt(max(extra, 1)))], dim=1)
+    return teacher, teacher_weight
 
 
 def logits_floor_bytes(op: str, mode: str, n: int, vocab: int, itemsize: int) -> int:
