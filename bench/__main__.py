@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--budget-s", type=float,
                    help="stop starting measurements after this many seconds (0: no limit)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a busy machine)")
     p.add_argument("--no-png", action="store_true")
     return p.parse_args(argv)
 
@@ -84,7 +85,10 @@ def main(argv=None) -> int:
     if args.hopper_report:
         from .hopper_report import main as hopper_main
         return hopper_main(["--out", args.out])
-    payload = run(config_from_args(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    payload = run(config_from_args(args),
+                  checkpoint=lambda partial: write_all(partial, args.out, png=False))
     for path in write_all(payload, args.out, png=not args.no_png):
         print(f"wrote {path}")
     return 0

@@ -41,8 +41,12 @@ class Config:
 
 
 def git_commit() -> tuple[str, bool]:
-    """(short commit, tracked files modified) of the repository holding this package;
-    ("unknown", False) outside git."""
+    """(short commit, tracked files modified) of the repository holding this package.
+
+    A copy of the tree without .git (a GPU machine's) names its commit in OPD_BENCH_COMMIT;
+    ("unknown", False) when neither says."""
+    if os.environ.get("OPD_BENCH_COMMIT"):
+        return os.environ["OPD_BENCH_COMMIT"], False
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*args):
@@ -95,7 +99,9 @@ def _speedups(rows: list[dict]) -> None:
                                      if name != row["impl"]}
 
 
-def run(config: Config, log=print) -> dict:
+def run(config: Config, log=print, checkpoint=None) -> dict:
+    """Measure every job; ``checkpoint(payload)``, if given, gets the results so far after each
+    case and mode, so that a run killed from outside still leaves them behind."""
     started = time.perf_counter()
     device, itemsize = config.device, torch.empty((), dtype=config.dtype).element_size()
     peers = {impl.peer: peer_status(impl.peer) for impl in IMPLS.values() if impl.peer}
@@ -106,19 +112,25 @@ def run(config: Config, log=print) -> dict:
                                 config.ceiling_matmul_size, config.budget)
     log(f"ceilings: {ceilings}")
 
-    phases = [[i for i in impls if i.name != "compile"], [i for i in impls if i.name == "compile"]]
-    rows: list[dict] = []
-    for phase in filter(None, phases):
-        for case in config.cases:
-            for mode in case.modes:
-                rows.extend(_run_case_mode(case, mode, phase, config, ceilings, itemsize, started, log))
-    _speedups(rows)
     meta = environment(device)
     meta.update(preset=config.preset, dtype=str(config.dtype).replace("torch.", ""),
                 temperature=config.temperature, k=config.k, impls=[i.name for i in impls],
                 peers=peers, ceilings=ceilings, time_budget_s=config.time_budget_s,
-                budget=vars(config.budget), wall_s=time.perf_counter() - started)
-    return {"meta": meta, "rows": rows}
+                budget=vars(config.budget))
+    phases = [[i for i in impls if i.name != "compile"], [i for i in impls if i.name == "compile"]]
+    rows: list[dict] = []
+
+    def payload():
+        _speedups(rows)
+        return {"meta": {**meta, "wall_s": time.perf_counter() - started}, "rows": rows}
+
+    for phase in filter(None, phases):
+        for case in config.cases:
+            for mode in case.modes:
+                rows.extend(_run_case_mode(case, mode, phase, config, ceilings, itemsize, started, log))
+                if checkpoint is not None:
+                    checkpoint(payload())
+    return payload()
 
 
 def _row(case: Case, mode: str, impl, config: Config) -> dict:

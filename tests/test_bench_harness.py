@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import baselines, registry, report, runner
+from bench import baselines, correctness, registry, report, runner
 from bench.impls import IMPLS, Impl, peer_status
 from bench.registry import OPS, Case
 from bench.timing import Budget, measure
@@ -167,3 +167,15 @@ def test_hopper_report_table():
     assert "2 specializations: 1 compiled, 1 failed; 1 use HGMMA; 0 spill." in md
     assert "| k[bf16] | 8 | 3 | 168 | 0 | 0 | 98304 | 12 | 1.0 | ok |" in md
     assert "all_specs()` is empty" in markdown([], 90, "abc1234")
+
+
+def test_correctness_check_runs_and_can_fail(capsys):
+    assert correctness.main(["--device", "cpu", "--backend", "torch", "--dtypes", "fp32", "--n", "5",
+                             "--vocab", "67", "--hidden", "8", "12", "--k", "3",
+                             "--ops", "reverse_kl", "topk_overlap", "opd_topk"]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    ref = torch.tensor([1.0, float("nan"), 2.0])
+    assert correctness.rel_error(ref + 1e-3, ref) == pytest.approx(1e-3 * 2 ** 0.5 / 5 ** 0.5, rel=1e-3)
+    assert correctness.rel_error(torch.tensor([1.0, 0.0, 2.0]), ref) == float("inf")
+    assert correctness.max_abs_error(torch.tensor([1.0, float("nan"), float("inf")]),
+                                     torch.tensor([1.0, float("nan"), 2.0])) == float("inf")
