@@ -133,3 +133,9 @@ def vocab_size(value, student_vocab: int, teacher_vocab: int) -> int:
         raise ValueError(f"vocab_size must be an int in [1, {min(student_vocab, teacher_vocab)}] "
                          f"(<= both weights' rows), got {value!r}")
     return value
+
+
+def weight_grad_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"weight_grad_dtype must be a floating torch.dtype, got {dtype!r}")
+    return dtype

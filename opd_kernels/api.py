@@ -126,12 +126,6 @@ def _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, 
     return check.vocab_size(vocab_size, student_weight.shape[0], teacher_weight.shape[0])
 
 
-def _check_weight_grad_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"weight_grad_dtype must be a floating torch.dtype, got {dtype!r}")
-    return dtype
-
-
 def fused_linear_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0,
                            backend: str = "auto") -> torch.Tensor:
     """lse(hidden @ weight.T / temperature) without materializing the logits."""
@@ -171,12 +165,13 @@ def fused_linear_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.
     mask = check.mask(mask, lead, student_hidden.device)
     tau = check.temperature(temperature)
     check.choice("reduction", reduction, check.REDUCTIONS)
+    weight_grad_dtype = check.weight_grad_dtype(weight_grad_dtype)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
     per_row, _ = ops.fused_linear_opd_loss(
         _rows(student_hidden, student_hidden.shape[-1]), student_weight,
         _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, "full", None, 1, _rows(mask),
-        tau, False, vocab, _check_weight_grad_dtype(weight_grad_dtype))
+        tau, False, vocab, weight_grad_dtype)
     return reduce(per_row.reshape(lead), mask, reduction)
 
 
@@ -224,11 +219,12 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
         k = check.k(k, vocab)
     tau = check.temperature(temperature)
     check.choice("reduction", reduction, check.REDUCTIONS)
+    weight_grad_dtype = check.weight_grad_dtype(weight_grad_dtype)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
     per_row, stats = ops.fused_linear_opd_loss(
         _rows(student_hidden, student_hidden.shape[-1]), student_weight,
         _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, objective, _rows(tokens), k,
-        _rows(mask), tau, bool(return_stats), vocab, _check_weight_grad_dtype(weight_grad_dtype))
+        _rows(mask), tau, bool(return_stats), vocab, weight_grad_dtype)
     loss = reduce(per_row.reshape(lead), mask, reduction)
     return (loss, _shaped_stats(stats, lead, mask)) if return_stats else loss

@@ -37,7 +37,10 @@ def _plogp_terms(log_p: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H(p) = -sum_v p_v log p_v."""
-    log_p = log_softmax(logits, temperature)
+    return _entropy(log_softmax(logits, temperature))
+
+
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
     return -_plogp_terms(log_p, torch.zeros_like(log_p)).sum(-1)
 
 
@@ -53,35 +56,44 @@ full_loss = reverse_kl
 
 
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the k largest logits, ties going to the lower token id (a stable sort)."""
-    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :k]
+    """The ids of the k largest logits, largest first, ties going to the lower token id.
 
-
-def _membership(ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    member = torch.zeros(*ids.shape[:-1], vocab, dtype=torch.bool, device=ids.device)
-    return member.scatter_(-1, ids, True)
+    Equal to ``torch.sort(logits, descending=True, stable=True).indices[..., :k]``, in O(V):
+    torch.topk finds the k-th value; every id above it is in, and of the ids equal to it the
+    lowest ones fill the remaining places (torch.topk alone breaks ties arbitrarily).
+    """
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    above = logits > kth
+    at_kth = logits == kth
+    places_left = k - above.sum(-1, keepdim=True)
+    chosen = above | (at_kth & (at_kth.cumsum(-1) <= places_left))
+    ids = chosen.nonzero()[:, -1].reshape(*logits.shape[:-1], k)  # ascending ids, k a row
+    order = torch.sort(logits.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
 
 
 @torch.no_grad()
 def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16,
                  temperature: float = 1.0) -> TopKStats:
     """The top-k shared-mass statistics per position (no mask: every position counted)."""
-    vocab = student_logits.shape[-1]
-    shared = (_membership(topk_ids(student_logits, k), vocab)
-              & _membership(topk_ids(teacher_logits, k), vocab))
+    support = topk_ids(student_logits, k)                                    # S
+    in_teacher_topk = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter_(
+        -1, topk_ids(teacher_logits, k), True)                               # T
+    shared = in_teacher_topk.gather(-1, support)                             # S ∩ T, as a mask on S
     n_shared = shared.sum(-1)
     log_p = log_softmax(student_logits, temperature)
     log_q = log_softmax(teacher_logits, temperature)
-    zero = torch.zeros_like(log_p)
-    student_mass = torch.where(shared, log_p.exp(), zero).sum(-1)
-    teacher_mass = torch.where(shared, log_q.exp(), zero).sum(-1)
+    log_p_s, log_q_s = log_p.gather(-1, support), log_q.gather(-1, support)
+    zero = torch.zeros_like(log_p_s)
+    student_mass = torch.where(shared, log_p_s.exp(), zero).sum(-1)
+    teacher_mass = torch.where(shared, log_q_s.exp(), zero).sum(-1)
     # Renormalized over S ∩ T: log p̄ = log p - log m_p, log q̄ = log q - log m_q.
-    log_p_bar = log_p - student_mass.log().unsqueeze(-1)
-    log_q_bar = log_q - teacher_mass.log().unsqueeze(-1)
+    log_p_bar = log_p_s - student_mass.log().unsqueeze(-1)
+    log_q_bar = log_q_s - teacher_mass.log().unsqueeze(-1)
     terms = torch.where(shared, log_p_bar.exp() * (log_q_bar - log_p_bar), zero).sum(-1)
     advantage = torch.where(n_shared > 0, terms / n_shared.clamp(min=1),
                             torch.full_like(terms, float("nan")))
-    h_p, h_q = entropy(student_logits, temperature), entropy(teacher_logits, temperature)
+    h_p, h_q = _entropy(log_p), _entropy(log_q)
     return TopKStats(overlap=n_shared.to(log_p.dtype) / k, student_mass=student_mass,
                      teacher_mass=teacher_mass, overlap_advantage=advantage,
                      student_entropy=h_p, teacher_entropy=h_q, entropy_gap=(h_q - h_p).abs())

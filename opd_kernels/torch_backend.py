@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from . import reference
 from .stats import STAT_FIELDS, TopKStats
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 4 << 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
