@@ -21,6 +21,14 @@ holds exactly the K_PAD largest keys of the union and is a bitonic sequence, whi
 bitonic merge sorts. ``block_can_enter`` is the cheap test (one max reduction) that lets a
 kernel skip the merge when no key of the block beats the running k-th key; in 1D it is a
 scalar, so the merge sits behind a real branch.
+
+``insert_topk`` is the selection-by-insertion alternative for an UNSORTED running list: while
+the block's largest key beats the list's smallest, it replaces that smallest key and leaves
+the block. Each step is one max and one min reduction, and only keys that enter the top-k
+cost a step (for a peaked row, a handful in the first blocks, then none), so it needs no
+sort of the block at all; sort the list once at the end (``tl.sort``, K_PAD elements). Its
+running list must hold distinct keys: start from ``no_keys`` (MIN_KEY + lane), never from
+copies of MIN_KEY, and give ignored block lanes MIN_KEY itself (it never enters).
 """
 import triton
 import triton.language as tl
@@ -80,3 +88,23 @@ def merge_topk(running_keys, block_keys, K_PAD: tl.constexpr):
     else:
         block_top = tl.topk(block_keys, K_PAD)
     return merge_sorted(running_keys, block_top)
+
+
+@triton.jit
+def no_keys(K_PAD: tl.constexpr):
+    """An empty running list for insert_topk: K_PAD distinct keys below every real key."""
+    return MIN_KEY + tl.arange(0, K_PAD).to(tl.int64)
+
+
+@triton.jit
+def insert_topk(running_keys, block_keys):
+    """Top K of an unsorted running list [K] (distinct keys) and block_keys [BLOCK] (1D),
+    unsorted; block lanes holding MIN_KEY are ignored."""
+    kth = tl.min(running_keys)
+    best = tl.max(block_keys)
+    while best > kth:
+        running_keys = tl.where(running_keys == kth, best, running_keys)
+        block_keys = tl.where(block_keys == best, MIN_KEY, block_keys)
+        kth = tl.min(running_keys)
+        best = tl.max(block_keys)
+    return running_keys

@@ -1,0 +1,377 @@
+"""The one forward pass over logits rows: every per-row quantity an OPD loss or statistic needs.
+
+Notation (opd-math.md): x = z / tau for the student (s) and teacher (t) logits z of one row,
+p = softmax(x_s), q = softmax(x_t).
+
+``row_stats_partial_kernel``, grid (rows, vocabulary splits): each program reads its run of
+vocabulary blocks of one row once (both models when a teacher is given) and keeps, per model,
+
+    m = max_v x_v                        s = sum_v e^{x_v - m}              (lse = m + log s)
+    c = sum_v e^{x_v - m} (x_v - m)                                         (WITH_STATS)
+and, with a teacher,
+    a = sum_v e^{xs_v - m_s} ((xs_v - m_s) - (xt_v - m_t))
+plus the running top-K_PAD packed keys (WITH_TOPK, see topk_select) of the raw logits z.
+Then
+    H(p)       = -sum p log p = log s - c / s
+    KL(p || q) = sum p (log p - log q) = a / s_s - log s_s + log s_t
+(log p_v = x_v - m_s - log s_s, log q_v = xt_v - m_t - log s_t). The terms are centered on the
+running maxima, so rows of logits near +-1e4 lose nothing to cancellation (the uncentered
+sum p x would be ~1e4 and H or KL its small difference with lse).
+
+When a block raises a max from m to m', every old term e^{x - m} d picks up the factor
+alpha = e^{m - m'} and its centered value shifts by the constant m - m':
+    s <- alpha s,   c <- alpha (c + s (m - m')),
+    a <- alpha_s (a + s_s ((m_s - m_s') - (m_t - m_t')))
+(``_moved``). The same rule merges the splits' partial states in a fixed order in
+``row_stats_finalize_kernel`` (deterministic: no atomics, no locks).
+
+Every 0 * inf is guarded: lanes with e^{x - m} = 0 (z = -inf, or outside the vocabulary) add
+nothing; a max still at -inf is replaced by 0 as the reference so no -inf - (-inf) appears.
+A teacher -inf where the student has mass makes a = +inf, hence KL = +inf (as the math says).
+
+``row_stats_finalize_kernel``, grid (rows,): merges the splits and writes, field-major into
+out[FIELD, row]: lse_s, lse_t, KL, the token logits x_y (HAS_TOKENS), both entropies and the
+top-k statistics (WITH_STATS), and the student's top-k ids (WITH_TOPK). Statistics from the
+packed keys (exact fp32 logits with their ids), S = student top k, T = teacher top k:
+    overlap = |S ∩ T| / k, m_p = sum_{S∩T} p, m_q = sum_{S∩T} q,
+    A = (1/|S∩T|) sum_{S∩T} p̄ (log q̄ - log p̄), log p̄ = log p - log m_p (NaN if S∩T empty),
+where q at an id of S ∩ T is read from T's key with the same id. Rows with mask False are not
+read at all: the loss fields hold 0, the statistics NaN, the top-k ids 0.
+"""
+import triton
+import triton.language as tl
+
+from opd_kernels.aot import AOTSpec
+from opd_kernels.kernels.topk_select import (MIN_KEY, insert_topk, no_keys, pack_keys, unpack_ids,
+                                             unpack_values)
+
+# Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output.
+FIELDS = ("lse_s", "lse_t", "kl", "student_token", "teacher_token", "student_entropy",
+          "teacher_entropy", "overlap", "student_mass", "teacher_mass", "overlap_advantage")
+NUM_FIELDS = tl.constexpr(len(FIELDS))
+_LSE_S, _LSE_T, _KL, _TOKEN_S, _TOKEN_T, _H_S, _H_T, _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE = (
+    tl.constexpr(i) for i in range(len(FIELDS)))
+# Per (row, split) partial state: m_s, s_s, c_s, m_t, s_t, c_t, a.
+NUM_STATE = tl.constexpr(7)
+
+
+@triton.jit
+def _reference_max(m):
+    """The max to center on: 0 while no finite value has been seen (avoids -inf - -inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _moved(acc, alpha, s_old, shift):
+    """alpha * (acc + s_old * shift): an accumulator of e^{x - m} * (centered value) moved to a
+    new max. s_old = 0 means nothing was accumulated (and shift may be infinite); alpha = 0 means
+    the old terms vanish against the new max."""
+    moved = acc + tl.where(s_old > 0, s_old * shift, 0.0)
+    return tl.where(alpha > 0, alpha * moved, 0.0)
+
+
+@triton.jit
+def _max_shift(m_old, m_new):
+    """m_old - m_new, 0 when the max did not move (-inf included)."""
+    return tl.where(m_old == m_new, 0.0, m_old - m_new)
+
+
+@triton.jit
+def _merge_state(m_s, s_s, c_s, m_t, s_t, c_t, a,
+                 m_s2, s_s2, c_s2, m_t2, s_t2, c_t2, a2, WITH_STATS: tl.constexpr,
+                 HAS_TEACHER: tl.constexpr):
+    """Two partial states of the same row (e.g. two vocabulary splits) -> one."""
+    m_s_new = tl.maximum(m_s, m_s2)
+    ref_s = _reference_max(m_s_new)
+    alpha_s, alpha_s2 = tl.exp(m_s - ref_s), tl.exp(m_s2 - ref_s)
+    shift_s, shift_s2 = _max_shift(m_s, m_s_new), _max_shift(m_s2, m_s_new)
+    if WITH_STATS:
+        c_s = _moved(c_s, alpha_s, s_s, shift_s) + _moved(c_s2, alpha_s2, s_s2, shift_s2)
+    if HAS_TEACHER:
+        m_t_new = tl.maximum(m_t, m_t2)
+        ref_t = _reference_max(m_t_new)
+        alpha_t, alpha_t2 = tl.exp(m_t - ref_t), tl.exp(m_t2 - ref_t)
+        shift_t, shift_t2 = _max_shift(m_t, m_t_new), _max_shift(m_t2, m_t_new)
+        a = (_moved(a, alpha_s, s_s, shift_s - shift_t)
+             + _moved(a2, alpha_s2, s_s2, shift_s2 - shift_t2))
+        if WITH_STATS:
+            c_t = _moved(c_t, alpha_t, s_t, shift_t) + _moved(c_t2, alpha_t2, s_t2, shift_t2)
+        s_t = s_t * alpha_t + s_t2 * alpha_t2
+        m_t = m_t_new
+    s_s = s_s * alpha_s + s_s2 * alpha_s2
+    return m_s_new, s_s, c_s, m_t, s_t, c_t, a
+
+
+@triton.heuristics({
+    "HAS_TEACHER": lambda args: args["teacher_ptr"] is not None,
+    "HAS_MASK": lambda args: args["mask_ptr"] is not None,
+    "WITH_TOPK": lambda args: args["keys_ptr"] is not None,
+    "WITH_STATS": lambda args: args["teacher_ptr"] is not None and args["keys_ptr"] is not None,
+})
+@triton.jit
+def row_stats_partial_kernel(
+    student_ptr, teacher_ptr, mask_ptr, state_ptr, keys_ptr,
+    n_vocab, stride_s, stride_t, blocks_per_split, inv_tau,
+    BLOCK_V: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, WITH_TOPK: tl.constexpr,
+    WITH_STATS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = row.to(tl.int64) * tl.num_programs(1) + split
+    block_begin = split * blocks_per_split
+    block_end = tl.minimum(block_begin + blocks_per_split, tl.cdiv(n_vocab, BLOCK_V))
+    if HAS_MASK:  # an uncounted row runs no iteration: its logits are never read
+        block_end = tl.where(tl.load(mask_ptr + row) != 0, block_end, block_begin)
+    student_row = student_ptr + row.to(tl.int64) * stride_s
+
+    m_s = float("-inf")
+    s_s = 0.0
+    c_s = 0.0
+    m_t = float("-inf")
+    s_t = 0.0
+    c_t = 0.0
+    a = 0.0
+    keys_s = no_keys(K_PAD)
+    keys_t = no_keys(K_PAD)
+    for block in range(block_begin, block_end):
+        offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        in_vocab = offs < n_vocab
+        z_s = tl.load(student_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        x_s = z_s * inv_tau
+        m_s_new = tl.maximum(m_s, tl.max(x_s))
+        ref_s = _reference_max(m_s_new)
+        alpha_s = tl.exp(m_s - ref_s)
+        shift_s = _max_shift(m_s, m_s_new)
+        d_s = x_s - ref_s
+        e_s = tl.exp(d_s)
+        live_s = e_s > 0
+        if WITH_STATS:
+            c_s = _moved(c_s, alpha_s, s_s, shift_s) + tl.sum(tl.where(live_s, e_s * d_s, 0.0))
+        if HAS_TEACHER:
+            z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+            x_t = z_t * inv_tau
+            m_t_new = tl.maximum(m_t, tl.max(x_t))
+            ref_t = _reference_max(m_t_new)
+            alpha_t = tl.exp(m_t - ref_t)
+            shift_t = _max_shift(m_t, m_t_new)
+            d_t = x_t - ref_t
+            e_t = tl.exp(d_t)
+            a = (_moved(a, alpha_s, s_s, shift_s - shift_t)
+                 + tl.sum(tl.where(live_s, e_s * (d_s - d_t), 0.0)))
+            if WITH_STATS:
+                c_t = (_moved(c_t, alpha_t, s_t, shift_t)
+                       + tl.sum(tl.where(e_t > 0, e_t * d_t, 0.0)))
+            s_t = s_t * alpha_t + tl.sum(e_t)
+            m_t = m_t_new
+        s_s = s_s * alpha_s + tl.sum(e_s)
+        m_s = m_s_new
+        if WITH_TOPK:
+            # Only keys that enter the running top-k cost work: for a peaked row a few in the
+            # first blocks, then one max and one min reduction a block.
+            keys_s = insert_topk(keys_s, tl.where(in_vocab, pack_keys(z_s, offs), MIN_KEY))
+            if WITH_STATS:
+                keys_t = insert_topk(keys_t, tl.where(in_vocab, pack_keys(z_t, offs), MIN_KEY))
+
+    state = state_ptr + slot * NUM_STATE
+    tl.store(state + 0, m_s)
+    tl.store(state + 1, s_s)
+    tl.store(state + 2, c_s)
+    tl.store(state + 3, m_t)
+    tl.store(state + 4, s_t)
+    tl.store(state + 5, c_t)
+    tl.store(state + 6, a)
+    if WITH_TOPK:
+        offs_k = tl.arange(0, K_PAD)
+        tl.store(keys_ptr + (slot * 2) * K_PAD + offs_k, keys_s)
+        if WITH_STATS:
+            tl.store(keys_ptr + (slot * 2 + 1) * K_PAD + offs_k, keys_t)
+
+
+@triton.jit
+def _real_keys(keys, K_PAD: tl.constexpr):
+    """A split's list with its empty lanes (no_keys) set to MIN_KEY, which never enters."""
+    return tl.where(keys < MIN_KEY + K_PAD, MIN_KEY, keys)
+
+
+@triton.jit
+def _sorted_descending(keys, K_PAD: tl.constexpr):
+    if K_PAD > 1:
+        keys = tl.sort(keys, descending=True)
+    return keys
+
+
+@triton.jit
+def _overlap_stats(keys_s, keys_t, lse_s, lse_t, k, inv_tau, K_PAD: tl.constexpr):
+    """overlap, m_p, m_q, A of one row from the two sorted top-K_PAD key lists (first k used)."""
+    offs_k = tl.arange(0, K_PAD)
+    ids_s = tl.where(offs_k < k, unpack_ids(keys_s), -1)
+    ids_t = tl.where(offs_k < k, unpack_ids(keys_t), -2)
+    same = ids_s[:, None] == ids_t[None, :]                    # [i in S, j in T]
+    shared = tl.max(same.to(tl.int32), axis=1) > 0             # S_i is also in T
+    n_shared = tl.sum(shared.to(tl.int32), axis=0)
+    log_p = unpack_values(keys_s) * inv_tau - lse_s
+    x_t_at_s = tl.sum(tl.where(same, (unpack_values(keys_t) * inv_tau)[None, :], 0.0), axis=1)
+    log_q = x_t_at_s - lse_t
+    p = tl.where(shared, tl.exp(log_p), 0.0)
+    q = tl.where(shared, tl.exp(log_q), 0.0)
+    mass_p = tl.sum(p, axis=0)
+    mass_q = tl.sum(q, axis=0)
+    log_p_bar = log_p - tl.log(mass_p)
+    log_q_bar = log_q - tl.log(mass_q)
+    p_bar = p / mass_p
+    terms = tl.where(p > 0, p_bar * (log_q_bar - log_p_bar), 0.0)
+    advantage = tl.where(n_shared > 0, tl.sum(terms, axis=0) / n_shared, float("nan"))
+    return n_shared.to(tl.float32) / k, mass_p, mass_q, advantage
+
+
+@triton.heuristics({
+    "HAS_TEACHER": lambda args: args["teacher_ptr"] is not None,
+    "HAS_MASK": lambda args: args["mask_ptr"] is not None,
+    "HAS_TOKENS": lambda args: args["tokens_ptr"] is not None,
+    "WITH_TOPK": lambda args: args["keys_ptr"] is not None,
+    "WITH_STATS": lambda args: args["teacher_ptr"] is not None and args["keys_ptr"] is not None,
+})
+@triton.jit
+def row_stats_finalize_kernel(
+    state_ptr, keys_ptr, student_ptr, teacher_ptr, tokens_ptr, mask_ptr, out_ptr, top_ids_ptr,
+    n_rows, n_splits, stride_s, stride_t, inv_tau, k,
+    K_PAD: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TOKENS: tl.constexpr,
+    WITH_TOPK: tl.constexpr, WITH_STATS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    counted = True
+    if HAS_MASK:
+        counted = tl.load(mask_ptr + row) != 0
+    out = out_ptr + row
+    offs_k = tl.arange(0, K_PAD)
+    if counted:
+        state = state_ptr + row.to(tl.int64) * n_splits * NUM_STATE
+        m_s = tl.load(state + 0)
+        s_s = tl.load(state + 1)
+        c_s = tl.load(state + 2)
+        m_t = tl.load(state + 3)
+        s_t = tl.load(state + 4)
+        c_t = tl.load(state + 5)
+        a = tl.load(state + 6)
+        if WITH_TOPK:
+            keys = keys_ptr + row.to(tl.int64) * n_splits * 2 * K_PAD
+            keys_s = tl.load(keys + offs_k)
+        if WITH_STATS:
+            keys_t = tl.load(keys + K_PAD + offs_k)
+        for split in range(1, n_splits):
+            state = state + NUM_STATE
+            m_s, s_s, c_s, m_t, s_t, c_t, a = _merge_state(
+                m_s, s_s, c_s, m_t, s_t, c_t, a,
+                tl.load(state + 0), tl.load(state + 1), tl.load(state + 2), tl.load(state + 3),
+                tl.load(state + 4), tl.load(state + 5), tl.load(state + 6), WITH_STATS, HAS_TEACHER)
+            if WITH_TOPK:
+                keys_s = insert_topk(keys_s, _real_keys(tl.load(keys + split * 2 * K_PAD + offs_k),
+                                                        K_PAD))
+            if WITH_STATS:
+                keys_t = insert_topk(keys_t, _real_keys(
+                    tl.load(keys + (split * 2 + 1) * K_PAD + offs_k), K_PAD))
+        if WITH_TOPK:
+            keys_s = _sorted_descending(keys_s, K_PAD)
+        if WITH_STATS:
+            keys_t = _sorted_descending(keys_t, K_PAD)
+        log_s_s = tl.log(s_s)
+        lse_s = m_s + log_s_s
+        tl.store(out + _LSE_S * n_rows, lse_s)
+        if HAS_TOKENS:
+            token = tl.load(tokens_ptr + row)
+            tl.store(out + _TOKEN_S * n_rows,
+                     tl.load(student_ptr + row.to(tl.int64) * stride_s + token).to(tl.float32)
+                     * inv_tau)
+        if HAS_TEACHER:
+            log_s_t = tl.log(s_t)
+            lse_t = m_t + log_s_t
+            tl.store(out + _LSE_T * n_rows, lse_t)
+            tl.store(out + _KL * n_rows, a / s_s - log_s_s + log_s_t)
+            if HAS_TOKENS:
+                tl.store(out + _TOKEN_T * n_rows,
+                         tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32)
+                         * inv_tau)
+        if WITH_TOPK:
+            tl.store(top_ids_ptr + row.to(tl.int64) * k + offs_k, unpack_ids(keys_s).to(tl.int64),
+                     mask=offs_k < k)
+        if WITH_STATS:
+            h_s = log_s_s - c_s / s_s
+            h_t = log_s_t - c_t / s_t
+            tl.store(out + _H_S * n_rows, h_s)
+            tl.store(out + _H_T * n_rows, h_t)
+            overlap, mass_p, mass_q, advantage = _overlap_stats(keys_s, keys_t, lse_s, lse_t, k,
+                                                                inv_tau, K_PAD)
+            tl.store(out + _OVERLAP * n_rows, overlap)
+            tl.store(out + _MASS_S * n_rows, mass_p)
+            tl.store(out + _MASS_T * n_rows, mass_q)
+            tl.store(out + _ADVANTAGE * n_rows, advantage)
+    else:
+        # Not counted: loss inputs 0 (no value, no gradient), statistics NaN, top-k ids 0.
+        for field in tl.static_range(_H_S):
+            tl.store(out + field * n_rows, 0.0)
+        for field in tl.static_range(_H_S, NUM_FIELDS):
+            tl.store(out + field * n_rows, float("nan"))
+        if WITH_TOPK:
+            tl.store(top_ids_ptr + row.to(tl.int64) * k + offs_k, tl.zeros([K_PAD], tl.int64),
+                     mask=offs_k < k)
+
+
+def _partial_spec(dtype, label, teacher=True, mask=False, k_pad=0, block_v=4096, num_warps=8):
+    ptr = f"*{dtype}"
+    signature = {"student_ptr": ptr, "teacher_ptr": ptr if teacher else "constexpr",
+                 "mask_ptr": "*i1" if mask else "constexpr", "state_ptr": "*fp32",
+                 "keys_ptr": "*i64" if k_pad else "constexpr",
+                 "n_vocab": "i32", "stride_s": "i32", "stride_t": "i32",
+                 "blocks_per_split": "i32", "inv_tau": "fp32",
+                 "BLOCK_V": "constexpr", "K_PAD": "constexpr", "HAS_TEACHER": "constexpr",
+                 "HAS_MASK": "constexpr", "WITH_TOPK": "constexpr", "WITH_STATS": "constexpr"}
+    constexprs = {"BLOCK_V": block_v, "K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher,
+                  "HAS_MASK": mask, "WITH_TOPK": bool(k_pad), "WITH_STATS": teacher and bool(k_pad)}
+    for name, present in (("teacher_ptr", teacher), ("mask_ptr", mask), ("keys_ptr", k_pad)):
+        if not present:
+            constexprs[name] = None
+    return AOTSpec(row_stats_partial_kernel.fn, signature, constexprs, num_warps=num_warps,
+                   num_stages=2, label=label)
+
+
+def _finalize_spec(dtype, label, teacher=True, mask=False, tokens=False, k_pad=0):
+    ptr = f"*{dtype}"
+    signature = {"state_ptr": "*fp32", "keys_ptr": "*i64" if k_pad else "constexpr",
+                 "student_ptr": ptr, "teacher_ptr": ptr if teacher else "constexpr",
+                 "tokens_ptr": "*i64" if tokens else "constexpr",
+                 "mask_ptr": "*i1" if mask else "constexpr", "out_ptr": "*fp32",
+                 "top_ids_ptr": "*i64" if k_pad else "constexpr",
+                 "n_rows": "i32", "n_splits": "i32", "stride_s": "i32", "stride_t": "i32",
+                 "inv_tau": "fp32", "k": "i32",
+                 "K_PAD": "constexpr", "HAS_TEACHER": "constexpr", "HAS_MASK": "constexpr",
+                 "HAS_TOKENS": "constexpr", "WITH_TOPK": "constexpr", "WITH_STATS": "constexpr"}
+    constexprs = {"K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher, "HAS_MASK": mask,
+                  "HAS_TOKENS": tokens, "WITH_TOPK": bool(k_pad),
+                  "WITH_STATS": teacher and bool(k_pad)}
+    for name, present in (("keys_ptr", k_pad), ("teacher_ptr", teacher), ("tokens_ptr", tokens),
+                          ("mask_ptr", mask), ("top_ids_ptr", k_pad)):
+        if not present:
+            constexprs[name] = None
+    return AOTSpec(row_stats_finalize_kernel.fn, signature, constexprs, num_warps=4,
+                   num_stages=1, label=label)
+
+
+AOT_SPECS = [
+    # logsumexp / token log-probs: student only
+    *(_partial_spec(dt, f"{dt},lse", teacher=False) for dt in ("fp32", "bf16", "fp16")),
+    # reverse KL (full objective), sampled objective
+    *(_partial_spec(dt, f"{dt},kl", mask=True) for dt in ("fp32", "bf16", "fp16")),
+    # topk objective without statistics: the student's selection only
+    _partial_spec("bf16", "bf16,top16", teacher=False, mask=True, k_pad=16),
+    # statistics (+ KL) from the same pass
+    _partial_spec("bf16", "bf16,kl,stats,top16", mask=True, k_pad=16),
+    _partial_spec("bf16", "bf16,kl,stats,top64", mask=True, k_pad=64),
+    _partial_spec("fp32", "fp32,kl,stats,top1", k_pad=1),
+    _finalize_spec("bf16", "bf16,lse,tokens", teacher=False, tokens=True),
+    _finalize_spec("bf16", "bf16,kl,tokens,mask", mask=True, tokens=True),
+    _finalize_spec("bf16", "bf16,top16,mask", teacher=False, mask=True, k_pad=16),
+    _finalize_spec("bf16", "bf16,stats,top64,mask", mask=True, k_pad=64),
+    _finalize_spec("fp32", "fp32,stats,top1", k_pad=1),
+]
