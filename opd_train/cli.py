@@ -1,0 +1,174 @@
+"""``python -m opd_train``: resolve the config, get the models and prompts, then cold start
+(optional), evaluate, distill, evaluate, and print the table."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from . import demo, task
+from .checkpoint import atomic_write_text, latest_checkpoint
+from .errors import UsageError
+from .evaluate import accuracy
+from .loss import PairedModels
+from .models import check_same_tokenizer, load_model, output_head, verify_output_head
+from .plots import plot_metrics
+from .prompts import apply_template, load_jsonl
+from .rollout import generate
+from .sft import sft
+from .train import PromptSet, train
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _split_cold_start(prompts: list, answers: list, count: int, seed: int) -> tuple:
+    """A seeded split of the prompt file: ``count`` prompts for the cold start, the rest for OPD."""
+    if count >= len(prompts):
+        raise UsageError(f"--cold-start-prompts {count} leaves no OPD prompts ({len(prompts)} in the file)")
+    order = np.random.default_rng(seed).permutation(len(prompts)).tolist()
+    pick = lambda ids: ([prompts[i] for i in ids], [answers[i] for i in ids])  # noqa: E731
+    return pick(order[:count]), pick(order[count:])
+
+
+def _data(cfg) -> dict:
+    """Raw prompts (OPD, cold start, eval) with answers and the checker, for either mode."""
+    if cfg.embedded:
+        made = demo.prepare(cfg.cache_dir)
+        as_lists = lambda ps: ([p.prompt for p in ps], [p.answer for p in ps])  # noqa: E731
+        return {"opd": as_lists(made.opd), "cold_start": as_lists(made.cold_start),
+                "eval": as_lists(made.eval[:cfg.eval_max_prompts]), "checker": task.check,
+                "student": made.student_dir, "teacher": made.teacher_dir}
+    prompts, answers = load_jsonl(cfg.prompts, "--prompts")
+    cold_start, opd = (_split_cold_start(prompts, answers, cfg.cold_start_prompts, cfg.seed)
+                       if cfg.cold_start else (([], []), (prompts, answers)))
+    evaluation = ([], [])
+    if cfg.eval_file:
+        eval_prompts, eval_answers = load_jsonl(cfg.eval_file, "--eval-file")
+        if any(a is None for a in eval_answers):
+            raise UsageError("--eval-file: every line needs an \"answer\" to be graded")
+        evaluation = (eval_prompts[:cfg.eval_max_prompts], eval_answers[:cfg.eval_max_prompts])
+    return {"opd": opd, "cold_start": cold_start, "eval": evaluation, "checker": task.check_reference,
+            "student": cfg.student, "teacher": cfg.teacher}
+
+
+def _pair(cfg, student_path: str, teacher_path: str) -> tuple:
+    """Load both models, check they can be paired for the chosen objective."""
+    half = cfg.torch_dtype != torch.float32
+    # The student keeps fp32 master weights (optimizer updates of lr 1e-6 vanish in bf16) and
+    # computes in cfg.dtype under autocast; the teacher is only ever read, so it lives in cfg.dtype.
+    student, student_tok = load_model(student_path, torch.float32, cfg.device)
+    teacher, teacher_tok = load_model(teacher_path, cfg.torch_dtype, cfg.device)
+    teacher.requires_grad_(False).eval()
+    check_same_tokenizer(student_tok, teacher_tok)
+    student_head, teacher_head = output_head(student, "student"), output_head(teacher, "teacher")
+    vocab_size = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    if cfg.k > vocab_size and (cfg.objective == "topk"):
+        raise UsageError(f"--objective topk with --k {cfg.k}: the models share only {vocab_size} ids")
+    if len(student_tok) > vocab_size:
+        raise UsageError(f"the tokenizer has {len(student_tok)} tokens but one model scores only "
+                         f"{vocab_size}: the objective cannot compare the rest")
+    cfg.k = min(cfg.k, vocab_size)  # diagnostics' top-k on a vocabulary smaller than k
+    probe = student_tok("The quick brown fox 12+34=", return_tensors="pt")["input_ids"].to(cfg.device)
+    with _precision(cfg):
+        verify_output_head(student, student_head, probe, "student")
+        verify_output_head(teacher, teacher_head, probe, "teacher")
+    pair = PairedModels(student, teacher, student_head, teacher_head, vocab_size,
+                        cfg.torch_dtype if half else torch.float32)
+    return pair, student_tok, teacher_tok
+
+
+def _precision(cfg):
+    if cfg.torch_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.torch_dtype)
+
+
+def _cold_start(cfg, pair, tokenizer, prompts: list, add_special_tokens: bool) -> None:
+    """Off-policy SFT of the student on one teacher response per held-out prompt."""
+    responses = []
+    for start in range(0, len(prompts), 256):
+        batch, _ = generate(pair.teacher, tokenizer, prompts[start:start + 256], cfg.max_new_tokens,
+                            cfg.temperature, add_special_tokens=add_special_tokens)
+        for row, mask in zip(batch.input_ids[:, batch.prompt_len:], batch.response_mask[:, batch.prompt_len:]):
+            ids = row[mask].tolist()
+            responses.append(tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids))
+    sft(pair.student, tokenizer, prompts, responses, steps=cfg.cold_start_steps,
+        batch_size=min(32, len(prompts)), lr=cfg.cold_start_lr, seed=cfg.seed, desc="cold start",
+        add_special_tokens=add_special_tokens)
+
+
+def _table(results: dict) -> str:
+    rows = [("student before", "student_before"), ("student after cold start", "student_cold_start"),
+            ("student after OPD", "student_after"), ("teacher", "teacher")]
+    lines = ["", f"{'held-out accuracy':<26}{'':>8}"]
+    lines += [f"{label:<26}{100 * results[key]:>7.1f}%" for label, key in rows if key in results]
+    if "gap_recovery" in results:
+        lines.append(f"{'gap recovery':<26}{100 * results['gap_recovery']:>7.1f}%")
+    lines.append(f"{'wall time':<26}{results['wall_time_s']:>7.0f}s")
+    return "\n".join(lines)
+
+
+def run(cfg) -> dict:
+    began = time.time()
+    _seed_everything(cfg.seed)
+    data = _data(cfg)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+    resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    if not cfg.resume:
+        config_mod.save(cfg, os.path.join(cfg.output_dir, "config.json"))
+    pair, tokenizer, teacher_tok = _pair(cfg, resume_from or data["student"], data["teacher"])
+    template = lambda ps: apply_template(ps, cfg.prompt_template, tokenizer, teacher_tok)  # noqa: E731
+    opd_prompts, add_special = template(data["opd"][0])
+    eval_prompts, _ = template(data["eval"][0])
+    results_path = os.path.join(cfg.output_dir, "eval.json")
+    results = {}
+    if cfg.resume and os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    evaluate = lambda model: accuracy(model, tokenizer, eval_prompts, data["eval"][1], data["checker"],  # noqa: E731
+                                      max_new_tokens=cfg.max_new_tokens, add_special_tokens=add_special)
+    with _precision(cfg):
+        if eval_prompts and "student_before" not in results:
+            results["student_before"] = evaluate(pair.student)
+            results["teacher"] = evaluate(pair.teacher)
+        if cfg.cold_start and resume_from is None:
+            _cold_start(cfg, pair, tokenizer, template(data["cold_start"][0])[0], add_special)
+            if eval_prompts:
+                results["student_cold_start"] = evaluate(pair.student)
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+        done = train(cfg, pair, tokenizer, PromptSet(opd_prompts, data["opd"][1], data["checker"]), add_special)
+        if done < cfg.steps:
+            print(f"stopped after step {done}; continue with: python -m opd_train --resume {cfg.output_dir}")
+            return results
+        if eval_prompts:
+            results["student_after"] = evaluate(pair.student)
+            gap = results["teacher"] - results["student_before"]
+            results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
+    results["wall_time_s"] = time.time() - began
+    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "plots"))
+    print(_table(results))
+    print(f"run folder: {cfg.output_dir} (checkpoint: {latest_checkpoint(checkpoints)})")
+    return results
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, _ = config_mod.from_args(sys.argv[1:] if argv is None else argv)
+        run(config_mod.resolve(cfg))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

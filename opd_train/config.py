@@ -1,0 +1,175 @@
+"""The run configuration: one dataclass, its command line, and its resolution.
+
+Every option has one field here; ``resolve`` fills what depends on the machine or the mode (device,
+dtype, output folder) so that ``config.json`` in the run folder states exactly what ran.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import UsageError
+
+OBJECTIVES = ("full", "sampled", "topk")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Config:
+    student: Optional[str] = None       # HF folder or hub id; None = the embedded task's student
+    teacher: Optional[str] = None
+    prompts: Optional[str] = None       # JSONL: {"prompt": ..., "answer": optional}
+    eval_file: Optional[str] = None
+    objective: str = "topk"
+    k: int = 16
+    temperature: float = 1.0
+    rollouts_per_prompt: int = 4
+    max_new_tokens: int = 512
+    prompts_per_step: int = 64
+    steps: int = 100
+    lr: float = 1e-6
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 0           # sequences per forward/backward; 0 = the whole step
+    seed: int = 0
+    output_dir: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cold_start: bool = False
+    cold_start_prompts: int = 256       # held out of the OPD prompts for the cold start
+    cold_start_steps: int = 100
+    cold_start_lr: float = 1e-5
+    prompt_template: str = "auto"
+    eval_max_prompts: int = 512
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    cache_dir: str = os.path.join("~", ".cache", "opd_train")
+
+    @property
+    def embedded(self) -> bool:
+        return self.student is None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+# The embedded demonstration's settings where they differ from the real-model defaults:
+# small models learn fast, so a larger learning rate and few, short steps.
+EMBEDDED_DEFAULTS = dict(lr=1e-3, steps=60, prompts_per_step=16, rollouts_per_prompt=4,
+                         max_new_tokens=40, eval_max_prompts=512, save_every=20, cold_start_lr=1e-3,
+                         cold_start_steps=100)
+
+HELP = {
+    "student": "student model: Hugging Face folder or hub id (default: the embedded demonstration)",
+    "teacher": "teacher model: Hugging Face folder or hub id",
+    "prompts": "JSONL file, one object a line: {\"prompt\": str, \"answer\": str (optional)}",
+    "eval_file": "held-out JSONL prompts with answers, for accuracy before and after",
+    "objective": "OPD objective: full reverse KL, sampled-token reward, or top-k (paper's default)",
+    "k": "top-k size (objective topk and the overlap diagnostics)",
+    "temperature": "softmax temperature of both models, also the sampling temperature",
+    "rollouts_per_prompt": "student samples per prompt",
+    "max_new_tokens": "response length limit",
+    "prompts_per_step": "prompts per optimizer step",
+    "steps": "optimizer steps",
+    "lr": "learning rate (AdamW, constant)",
+    "max_grad_norm": "gradient clipping norm",
+    "micro_batch_size": "sequences per forward/backward (gradient accumulation); 0 = all at once",
+    "seed": "random seed",
+    "output_dir": "run folder (default: runs/opd-<time>)",
+    "device": "auto, cpu, cuda, cuda:N",
+    "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    "cold_start": "off-policy SFT of the student on teacher responses to held-out prompts first",
+    "cold_start_prompts": "prompts held out of the OPD set for the cold start",
+    "cold_start_steps": "cold-start SFT steps",
+    "cold_start_lr": "cold-start SFT learning rate",
+    "prompt_template": "auto (student's chat template if any), teacher (the teacher's chat template: "
+                       "teacher-aligned prompts), none (raw), or a string containing {prompt}",
+    "eval_max_prompts": "evaluate on at most this many held-out prompts",
+    "save_every": "checkpoint every N steps (and at the end, and on Ctrl-C)",
+    "keep_checkpoints": "checkpoints kept in the run folder",
+    "resume": "continue the run in this folder from its latest checkpoint",
+    "cache_dir": "where the embedded demonstration caches its trained teacher and student",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m opd_train",
+        description="On-policy distillation of a student LM by a teacher LM with opd_kernels. "
+                    "Without --student/--teacher: the embedded CPU demonstration.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
+            continue
+        kind = {"int": int, "float": float}.get(f.type, str)
+        kwargs = dict(type=kind, default=None, help=HELP[f.name])
+        if f.name == "objective":
+            kwargs["choices"] = OBJECTIVES
+        if f.name == "dtype":
+            kwargs["choices"] = ("auto", *DTYPES)
+        p.add_argument(flag, **kwargs)
+    return p
+
+
+def from_args(argv) -> tuple:
+    """(Config, the set of fields given on the command line)."""
+    args = vars(parser().parse_args(argv))
+    given = {k for k, v in args.items() if v is not None}
+    if args["resume"]:
+        path = os.path.join(args["resume"], "config.json")
+        if not os.path.exists(path):
+            raise UsageError(f"--resume: no run to resume in {args['resume']} (no config.json)")
+        with open(path) as f:
+            base = Config(**json.load(f))
+        base.resume = args["resume"]
+        unexpected = given - {"resume", "steps"}
+        if unexpected:
+            raise UsageError("--resume continues a run with its saved config; only --steps may "
+                             f"change (got {', '.join(sorted(unexpected))})")
+        if "steps" in given:
+            base.steps = args["steps"]
+        return base, given
+    cfg = Config(**{k: v for k, v in args.items() if v is not None})
+    if cfg.embedded:
+        for name, value in EMBEDDED_DEFAULTS.items():
+            if name not in given:
+                setattr(cfg, name, value)
+    return cfg, given
+
+
+def resolve(cfg: Config) -> Config:
+    """Validate, and fill device, dtype and output folder."""
+    if (cfg.student is None) != (cfg.teacher is None):
+        raise UsageError("give both --student and --teacher (or neither, for the embedded demonstration)")
+    if not cfg.embedded and not cfg.prompts:
+        raise UsageError("--prompts FILE.jsonl is required with --student/--teacher")
+    if cfg.embedded and (cfg.prompts or cfg.eval_file):
+        raise UsageError("--prompts/--eval-file need --student and --teacher")
+    for name in ("k", "rollouts_per_prompt", "max_new_tokens", "prompts_per_step", "steps"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.temperature <= 0:
+        raise UsageError("--temperature must be > 0")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: no CUDA device here")
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+    if cfg.output_dir is None:
+        cfg.output_dir = os.path.join("runs", time.strftime("opd-%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def save(cfg: Config, path: str) -> None:
+    from .checkpoint import atomic_write_text
+    atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

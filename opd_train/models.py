@@ -1,0 +1,118 @@
+"""Building, loading and pairing causal LMs, and the one place that knows how logits are formed.
+
+The OPD loss never sees logits: it takes final hidden states and the output-embedding weight
+(``opd_kernels.fused_linear_opd_loss``). That is only right when the model's logits are exactly
+``scale * hidden @ W^T``. ``OutputHead`` records W and the scale (Cohere's ``logit_scale``,
+Granite's ``logits_scaling``, ``output_multiplier``); anything else (soft-capping, a bias, an
+unknown post-processing) is refused, and ``verify_output_head`` checks the claim numerically
+against the model's own logits before training starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .errors import UsageError
+
+
+def tiny_llama(tokenizer, hidden_size: int, layers: int, heads: int, max_positions: int) -> LlamaForCausalLM:
+    """A small Llama built from a config (no download), with tied input/output embeddings."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _is_hub_id(name: str) -> bool:
+    """'org/name' or 'name'; anything else is meant as a local folder."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
+def load_model(name: str, dtype: torch.dtype, device: str):
+    """A causal LM and its tokenizer from a local folder or a hub id, with a clear error."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path) and not _is_hub_id(name):
+        raise UsageError(f"model path not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {name!r}: {e}") from e
+    if tokenizer.pad_token is None:  # batched generation pads; the padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """OPD compares distributions token by token: both tokenizers must map text to the same ids."""
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    shared = min(len(s_vocab), len(t_vocab))
+    s_ids = {i: t for t, i in s_vocab.items() if i < shared}
+    t_ids = {i: t for t, i in t_vocab.items() if i < shared}
+    if s_ids != t_ids:
+        differing = sorted(i for i in set(s_ids) | set(t_ids) if s_ids.get(i) != t_ids.get(i))
+        raise UsageError(
+            f"student and teacher tokenizers differ ({len(differing)} ids map to different "
+            f"tokens, e.g. id {differing[0]}: {s_ids.get(differing[0])!r} vs "
+            f"{t_ids.get(differing[0])!r}); on-policy distillation needs one shared vocabulary")
+
+
+@dataclass
+class OutputHead:
+    """logits = (hidden * hidden_scale) @ weight[:vocab_size].T"""
+
+    weight: torch.Tensor
+    hidden_scale: float
+
+
+def output_head(model, name: str) -> OutputHead:
+    config = model.config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        raise UsageError(
+            f"{name}: final_logit_softcapping={softcap} makes the logits tanh-capped; the fused "
+            "hidden-state losses compute uncapped logits, so this model is not supported")
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise UsageError(f"{name}: the model has no output-embedding weight")
+    if getattr(head, "bias", None) is not None:
+        raise UsageError(f"{name}: the output layer has a bias, which the fused losses do not add")
+    scale = 1.0
+    for attr, op in (("logit_scale", "mul"), ("output_multiplier", "mul"), ("logits_scaling", "div")):
+        value = getattr(config, attr, None)
+        if value is not None and type(value) in (int, float):
+            scale = scale * value if op == "mul" else scale / value
+    return OutputHead(weight=head.weight, hidden_scale=float(scale))
+
+
+def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The decoder's last hidden state (after its final norm): what the lm_head multiplies."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+@torch.no_grad()
+def verify_output_head(model, head: OutputHead, input_ids, name: str) -> None:
+    """Refuse a model whose logits are not ``hidden_scale * hidden @ W^T`` (a post-processing
+    we do not know about would otherwise make the loss silently wrong)."""
+    attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits.float()
+    hidden = final_hidden(model, input_ids, attention_mask, position_ids).float()
+    ours = (hidden * head.hidden_scale) @ head.weight.float().T
+    tol = 1e-3 if logits.dtype == torch.float32 and head.weight.dtype == torch.float32 else 5e-2
+    err = (ours - logits).abs().max().item() / max(1.0, logits.abs().max().item())
+    if err > tol:
+        raise UsageError(
+            f"{name}: its logits are not hidden_states @ lm_head.weight^T (relative error "
+            f"{err:.3g}); a logit post-processing this trainer does not know would make the "
+            "distillation loss wrong, so it refuses the model")
