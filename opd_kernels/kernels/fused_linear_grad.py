@@ -86,7 +86,7 @@ def _spec(dtype: str, label: str, has_teacher=False, has_target=False, block_n=1
     for name, ty in signature.items():
         if ty == "constexpr" and name not in constexprs:
             constexprs[name] = None
-    return AOTSpec(fused_linear_grad_logits_kernel, signature, constexprs, num_warps=num_warps,
+    return AOTSpec(fused_linear_grad_logits_kernel.fn, signature, constexprs, num_warps=num_warps,
                    num_stages=3, label=label)
 
 

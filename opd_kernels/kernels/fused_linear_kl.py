@@ -119,7 +119,7 @@ def _forward_spec(dtype: str, block_n=128, block_v=128, block_h=64, num_warps=8)
     }
     constexprs = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_H": block_h,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    return AOTSpec(fused_linear_kl_kernel, signature, constexprs, num_warps=num_warps, num_stages=3,
+    return AOTSpec(fused_linear_kl_kernel.fn, signature, constexprs, num_warps=num_warps, num_stages=3,
                    label=dtype)
 
 

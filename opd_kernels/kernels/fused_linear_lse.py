@@ -168,7 +168,7 @@ def _forward_spec(dtype: str, label: str, has_target=False, with_entropy=False, 
                        ("part_target_ptr", has_target), ("part_keys_ptr", k_pad > 1)):
         if not flag:
             constexprs[name] = None
-    return AOTSpec(fused_linear_lse_kernel, signature, constexprs, num_warps=num_warps,
+    return AOTSpec(fused_linear_lse_kernel.fn, signature, constexprs, num_warps=num_warps,
                    num_stages=3, label=label)
 
 
@@ -191,7 +191,7 @@ def _merge_spec(label: str, has_target=False, with_entropy=False, k_pad=1):
                         (("part_keys_ptr", "topk_ids_ptr", "topk_values_ptr"), k_pad > 1)):
         if not flag:
             constexprs.update(dict.fromkeys(names))
-    return AOTSpec(fused_linear_lse_merge_kernel, signature, constexprs, num_warps=4,
+    return AOTSpec(fused_linear_lse_merge_kernel.fn, signature, constexprs, num_warps=4,
                    num_stages=1, label=label)
 
 

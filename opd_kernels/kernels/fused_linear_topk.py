@@ -91,7 +91,7 @@ def _sparse_grad_spec(dtype: str, k_pad: int, grad_hidden=True, grad_weight=True
         constexprs["grad_hidden_ptr"] = None
     if not grad_weight:
         constexprs["grad_weight_ptr"] = None
-    return AOTSpec(fused_linear_sparse_grad_kernel, signature, constexprs, num_warps=4,
+    return AOTSpec(fused_linear_sparse_grad_kernel.fn, signature, constexprs, num_warps=4,
                    num_stages=2, label=f"{dtype},k{k_pad},dh={grad_hidden},dw={grad_weight}")
 
 

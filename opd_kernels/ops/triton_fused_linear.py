@@ -18,7 +18,7 @@ floor is what no implementation can avoid (forward products it needs + dense bac
 passes carry them), + P_t for ``topk`` (the teacher pass it otherwise skips), + P_s + P_t for
 ``full`` (its pair pass does not carry the top-k; two single-model passes run beside it).
 The backward's recomputation could be traded for a stored [N, K] tile buffer; that knob is not
-built: ``scratch_bytes`` bounds only the chunk of dL/du (default 256 MiB).
+built: ``SCRATCH_BYTES`` bounds only the chunk of dL/du (default 256 MiB).
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ from opd_kernels.kernels.fused_linear_topk import (fused_linear_gather_logits_ke
                                                    fused_linear_sparse_grad_kernel)
 from opd_kernels.stats import TopKStats
 
-DEFAULT_SCRATCH_BYTES = 256 * 2**20
+# The backward's one buffer: a token chunk of dL/du, [rows, K] in the input dtype. Larger chunks
+# make bigger GEMMs; the memory is the only cost. Read at each backward, so it can be changed.
+SCRATCH_BYTES = 256 * 2**20
 # dW += dU^T h runs over vocabulary slices so that the GEMM's temporary stays small
 _WEIGHT_GRAD_SLICE = 16384
 
@@ -48,16 +50,17 @@ class _Tiles:
     num_warps: int
 
 
-def _tiles(hidden: torch.Tensor) -> _Tiles:
+def _tiles(hidden: torch.Tensor, topk: bool = False) -> _Tiles:
     """Hopper-sized tiles on a GPU (bf16/fp16: 128x128 logits, K-blocks of 64, so tl.dot maps to
-    HGMMA); fp32 halves the row block. The CPU interpreter has no tensor cores and pays per
-    element, so it gets the smallest tiles tl.dot accepts."""
+    HGMMA); fp32 halves the row block. The CPU interpreter has no tensor cores, takes any tile
+    size and pays per operation, so it gets no padding rows and wide vocabulary tiles, except
+    where a running top-k is kept: its in-kernel sort costs the interpreter per element."""
     rows, width = hidden.shape
     if hidden.is_cuda:
         if hidden.dtype == torch.float32:
             return _Tiles(64, 128, 32, 8)
         return _Tiles(128, 128, 64, 8)
-    return _Tiles(min(64, max(16, triton.next_power_of_2(rows))), 128,
+    return _Tiles(min(64, triton.next_power_of_2(rows)), 128 if topk else 512,
                   min(128, max(16, triton.next_power_of_2(width))), 4)
 
 
@@ -98,7 +101,7 @@ def _row_stats(hidden, weight, vocab_size, temperature, target=None, entropy=Fal
     """One model's per-row statistics in one pass over its logits tiles (fused_linear_lse.py)."""
     hidden, weight = _rows(hidden), _rows(weight)
     n, width = hidden.shape
-    t = _tiles(hidden)
+    t = _tiles(hidden, topk=k > 0)
     row_blocks, vocab_tiles = triton.cdiv(n, t.block_n), triton.cdiv(vocab_size, t.block_v)
     n_splits, per_split = _vocab_splits(row_blocks, vocab_tiles, hidden.device)
     if splits is not None:  # tests pin the split count to exercise the merge
@@ -181,7 +184,6 @@ class _DensePlan:
     teacher_hidden: Optional[torch.Tensor] = None
     teacher_weight: Optional[torch.Tensor] = None
     weight_grad_dtype: torch.dtype = torch.float32
-    scratch_bytes: int = DEFAULT_SCRATCH_BYTES
 
     def backward(self, hidden, weight, grad, need_hidden, need_weight):
         hidden, weight = _rows(hidden), _rows(weight)
@@ -190,7 +192,8 @@ class _DensePlan:
         scale = lambda c: None if c is None else (c * grad).contiguous()
         alpha, beta, gamma = scale(self.alpha), scale(self.beta), scale(self.gamma)
         t = _tiles(hidden)
-        chunk = max(t.block_n, self.scratch_bytes // (k * hidden.element_size()) // t.block_n * t.block_n)
+        chunk_bytes = SCRATCH_BYTES // (k * hidden.element_size())
+        chunk = max(t.block_n, chunk_bytes // t.block_n * t.block_n)
         chunk = min(chunk, n)
         grad_logits = torch.empty(chunk, k, dtype=hidden.dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
