@@ -32,7 +32,7 @@ from opd_kernels.aot import AOTSpec
 })
 @triton.jit
 def softmax_grad_kernel(
-    logits_ptr, grad_ptr, lse_ptr, coef_p_ptr, coef_y_ptr, tokens_ptr, mask_ptr,
+    logits_ptr, grad_ptr, max_ptr, logsum_ptr, coef_p_ptr, coef_y_ptr, tokens_ptr, mask_ptr,
     n_vocab, stride_z, stride_g, inv_tau,
     BLOCK_V: tl.constexpr, HAS_TOKENS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
@@ -46,7 +46,8 @@ def softmax_grad_kernel(
     if counted:
         z = tl.load(logits_ptr + row.to(tl.int64) * stride_z + offs, mask=in_vocab,
                     other=float("-inf")).to(tl.float32)
-        grad = tl.load(coef_p_ptr + row) * tl.exp(z * inv_tau - tl.load(lse_ptr + row))
+        log_p = (z * inv_tau - tl.load(max_ptr + row)) - tl.load(logsum_ptr + row)
+        grad = tl.load(coef_p_ptr + row) * tl.exp(log_p)
         if HAS_TOKENS:
             grad += tl.where(offs == tl.load(tokens_ptr + row), tl.load(coef_y_ptr + row), 0.0)
         tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
@@ -57,7 +58,8 @@ def softmax_grad_kernel(
 @triton.heuristics({"HAS_MASK": lambda args: args["mask_ptr"] is not None})
 @triton.jit
 def reverse_kl_grad_kernel(
-    student_ptr, teacher_ptr, grad_ptr, lse_s_ptr, lse_t_ptr, kl_ptr, coef_ptr, mask_ptr,
+    student_ptr, teacher_ptr, grad_ptr, max_s_ptr, logsum_s_ptr, max_t_ptr, logsum_t_ptr, kl_ptr,
+    coef_ptr, mask_ptr,
     n_vocab, stride_s, stride_t, stride_g, inv_tau,
     BLOCK_V: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
@@ -73,8 +75,8 @@ def reverse_kl_grad_kernel(
                       other=float("-inf")).to(tl.float32)
         z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
                       other=0.0).to(tl.float32)
-        log_p = z_s * inv_tau - tl.load(lse_s_ptr + row)
-        log_q = z_t * inv_tau - tl.load(lse_t_ptr + row)
+        log_p = (z_s * inv_tau - tl.load(max_s_ptr + row)) - tl.load(logsum_s_ptr + row)
+        log_q = (z_t * inv_tau - tl.load(max_t_ptr + row)) - tl.load(logsum_t_ptr + row)
         p = tl.exp(log_p)
         grad = tl.where(p > 0, p * (log_p - log_q - tl.load(kl_ptr + row)), 0.0)
         grad = grad * tl.load(coef_ptr + row)
@@ -84,7 +86,8 @@ def reverse_kl_grad_kernel(
 
 
 def _softmax_spec(dtype, label, tokens=False, mask=False, block_v=4096, num_warps=8):
-    signature = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+    signature = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "max_ptr": "*fp32",
+                 "logsum_ptr": "*fp32",
                  "coef_p_ptr": "*fp32", "coef_y_ptr": "*fp32" if tokens else "constexpr",
                  "tokens_ptr": "*i64" if tokens else "constexpr",
                  "mask_ptr": "*i1" if mask else "constexpr",
@@ -100,8 +103,9 @@ def _softmax_spec(dtype, label, tokens=False, mask=False, block_v=4096, num_warp
 
 def _reverse_kl_spec(dtype, label, mask=False, block_v=4096, num_warps=8):
     ptr = f"*{dtype}"
-    signature = {"student_ptr": ptr, "teacher_ptr": ptr, "grad_ptr": ptr, "lse_s_ptr": "*fp32",
-                 "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "coef_ptr": "*fp32",
+    signature = {"student_ptr": ptr, "teacher_ptr": ptr, "grad_ptr": ptr, "max_s_ptr": "*fp32",
+                 "logsum_s_ptr": "*fp32", "max_t_ptr": "*fp32", "logsum_t_ptr": "*fp32",
+                 "kl_ptr": "*fp32", "coef_ptr": "*fp32",
                  "mask_ptr": "*i1" if mask else "constexpr",
                  "n_vocab": "i32", "stride_s": "i32", "stride_t": "i32", "stride_g": "i32",
                  "inv_tau": "fp32", "BLOCK_V": "constexpr", "HAS_MASK": "constexpr"}

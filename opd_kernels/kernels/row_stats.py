@@ -30,7 +30,8 @@ nothing; a max still at -inf is replaced by 0 as the reference so no -inf - (-in
 A teacher -inf where the student has mass makes a = +inf, hence KL = +inf (as the math says).
 
 ``row_stats_finalize_kernel``, grid (rows,): merges the splits and writes, field-major into
-out[FIELD, row]: lse_s, lse_t, KL, the token logits x_y (HAS_TOKENS), both entropies and the
+out[FIELD, row]: lse (and its parts m, log s) of both models, KL, the token log-probs x_y - lse
+(HAS_TOKENS), both entropies and the
 top-k statistics (WITH_STATS), and the student's top-k ids (WITH_TOPK). Statistics from the
 packed keys (exact fp32 logits with their ids), S = student top k, T = teacher top k:
     overlap = |S ∩ T| / k, m_p = sum_{S∩T} p, m_q = sum_{S∩T} q,
@@ -45,12 +46,15 @@ from opd_kernels.aot import AOTSpec
 from opd_kernels.kernels.topk_select import (MIN_KEY, insert_topk, no_keys, pack_keys, unpack_ids,
                                              unpack_values)
 
-# Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output.
-FIELDS = ("lse_s", "lse_t", "kl", "student_token", "teacher_token", "student_entropy",
-          "teacher_entropy", "overlap", "student_mass", "teacher_mass", "overlap_advantage")
+# Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output. lse = max + logsum is kept split
+# too: near |z| = 1e4 an fp32 lse is off by ~1e-3, so log p = (x - max) - logsum is computed
+# from the parts (in the backward as well) to keep p to fp32 precision.
+FIELDS = ("lse_s", "lse_t", "max_s", "max_t", "logsum_s", "logsum_t", "kl", "student_logprob",
+          "teacher_logprob", "student_entropy", "teacher_entropy", "overlap", "student_mass",
+          "teacher_mass", "overlap_advantage")
 NUM_FIELDS = tl.constexpr(len(FIELDS))
-_LSE_S, _LSE_T, _KL, _TOKEN_S, _TOKEN_T, _H_S, _H_T, _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE = (
-    tl.constexpr(i) for i in range(len(FIELDS)))
+(_LSE_S, _LSE_T, _MAX_S, _MAX_T, _LOGSUM_S, _LOGSUM_T, _KL, _LOGPROB_S, _LOGPROB_T, _H_S, _H_T,
+ _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE) = (tl.constexpr(i) for i in range(len(FIELDS)))
 # Per (row, split) partial state: m_s, s_s, c_s, m_t, s_t, c_t, a.
 NUM_STATE = tl.constexpr(7)
 
@@ -202,7 +206,7 @@ def _sorted_descending(keys, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _overlap_stats(keys_s, keys_t, lse_s, lse_t, k, inv_tau, K_PAD: tl.constexpr):
+def _overlap_stats(keys_s, keys_t, m_s, log_s_s, m_t, log_s_t, k, inv_tau, K_PAD: tl.constexpr):
     """overlap, m_p, m_q, A of one row from the two sorted top-K_PAD key lists (first k used)."""
     offs_k = tl.arange(0, K_PAD)
     ids_s = tl.where(offs_k < k, unpack_ids(keys_s), -1)
@@ -210,9 +214,9 @@ def _overlap_stats(keys_s, keys_t, lse_s, lse_t, k, inv_tau, K_PAD: tl.constexpr
     same = ids_s[:, None] == ids_t[None, :]                    # [i in S, j in T]
     shared = tl.max(same.to(tl.int32), axis=1) > 0             # S_i is also in T
     n_shared = tl.sum(shared.to(tl.int32), axis=0)
-    log_p = unpack_values(keys_s) * inv_tau - lse_s
+    log_p = (unpack_values(keys_s) * inv_tau - m_s) - log_s_s
     x_t_at_s = tl.sum(tl.where(same, (unpack_values(keys_t) * inv_tau)[None, :], 0.0), axis=1)
-    log_q = x_t_at_s - lse_t
+    log_q = (x_t_at_s - m_t) - log_s_t
     p = tl.where(shared, tl.exp(log_p), 0.0)
     q = tl.where(shared, tl.exp(log_q), 0.0)
     mass_p = tl.sum(p, axis=0)
@@ -277,22 +281,22 @@ def row_stats_finalize_kernel(
         if WITH_STATS:
             keys_t = _sorted_descending(keys_t, K_PAD)
         log_s_s = tl.log(s_s)
-        lse_s = m_s + log_s_s
-        tl.store(out + _LSE_S * n_rows, lse_s)
+        tl.store(out + _LSE_S * n_rows, m_s + log_s_s)
+        tl.store(out + _MAX_S * n_rows, m_s)
+        tl.store(out + _LOGSUM_S * n_rows, log_s_s)
         if HAS_TOKENS:
             token = tl.load(tokens_ptr + row)
-            tl.store(out + _TOKEN_S * n_rows,
-                     tl.load(student_ptr + row.to(tl.int64) * stride_s + token).to(tl.float32)
-                     * inv_tau)
+            z_y = tl.load(student_ptr + row.to(tl.int64) * stride_s + token).to(tl.float32)
+            tl.store(out + _LOGPROB_S * n_rows, (z_y * inv_tau - m_s) - log_s_s)
         if HAS_TEACHER:
             log_s_t = tl.log(s_t)
-            lse_t = m_t + log_s_t
-            tl.store(out + _LSE_T * n_rows, lse_t)
+            tl.store(out + _LSE_T * n_rows, m_t + log_s_t)
+            tl.store(out + _MAX_T * n_rows, m_t)
+            tl.store(out + _LOGSUM_T * n_rows, log_s_t)
             tl.store(out + _KL * n_rows, a / s_s - log_s_s + log_s_t)
             if HAS_TOKENS:
-                tl.store(out + _TOKEN_T * n_rows,
-                         tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32)
-                         * inv_tau)
+                z_y = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32)
+                tl.store(out + _LOGPROB_T * n_rows, (z_y * inv_tau - m_t) - log_s_t)
         if WITH_TOPK:
             tl.store(top_ids_ptr + row.to(tl.int64) * k + offs_k, unpack_ids(keys_s).to(tl.int64),
                      mask=offs_k < k)
@@ -301,8 +305,8 @@ def row_stats_finalize_kernel(
             h_t = log_s_t - c_t / s_t
             tl.store(out + _H_S * n_rows, h_s)
             tl.store(out + _H_T * n_rows, h_t)
-            overlap, mass_p, mass_q, advantage = _overlap_stats(keys_s, keys_t, lse_s, lse_t, k,
-                                                                inv_tau, K_PAD)
+            overlap, mass_p, mass_q, advantage = _overlap_stats(
+                keys_s, keys_t, m_s, log_s_s, m_t, log_s_t, k, inv_tau, K_PAD)
             tl.store(out + _OVERLAP * n_rows, overlap)
             tl.store(out + _MASS_S * n_rows, mass_p)
             tl.store(out + _MASS_T * n_rows, mass_q)

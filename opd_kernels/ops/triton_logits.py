@@ -94,14 +94,16 @@ def _grid(n: int, vocab: int, block_v: int) -> tuple:
     return (n, triton.cdiv(vocab, block_v))
 
 
-def _softmax_grad(logits, lse, coef_p, coef_y=None, tokens=None, mask=None, temperature=1.0):
-    """dL/dz = coef_p * p + coef_y * onehot(tokens), rows with mask False zero."""
+def _softmax_grad(logits, lse_parts, coef_p, coef_y=None, tokens=None, mask=None,
+                  temperature=1.0):
+    """dL/dz = coef_p * p + coef_y * onehot(tokens), rows with mask False zero;
+    lse_parts = (max, logsum) of the row, lse = max + logsum."""
     n, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block_v = _block_v(vocab)
     softmax_grad_kernel[_grid(n, vocab, block_v)](
-        logits, grad, lse, coef_p, coef_y, tokens, mask, vocab, logits.stride(0), grad.stride(0),
-        1.0 / temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
+        logits, grad, *lse_parts, coef_p, coef_y, tokens, mask, vocab, logits.stride(0),
+        grad.stride(0), 1.0 / temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
     return grad
 
 
@@ -110,57 +112,61 @@ def _per_row(grad: torch.Tensor) -> torch.Tensor:
 
 
 class _LogSumExp(torch.autograd.Function):
+    """lse per row, value and parts (max, logsum) from the forward pass."""
+
     @staticmethod
-    def forward(ctx, logits, lse, temperature):
-        ctx.save_for_backward(logits, lse)
+    def forward(ctx, logits, rp, temperature):
+        ctx.save_for_backward(logits, rp.field("max_s"), rp.field("logsum_s"))
         ctx.temperature = temperature
-        return lse.clone()
+        return rp.field("lse_s").clone()
 
     @staticmethod
     def backward(ctx, grad):
-        logits, lse = ctx.saved_tensors
+        logits, *lse_parts = ctx.saved_tensors
         coef_p = _per_row(grad) / ctx.temperature
-        return _softmax_grad(logits, lse, coef_p, temperature=ctx.temperature), None, None
+        return _softmax_grad(logits, lse_parts, coef_p, temperature=ctx.temperature), None, None
 
 
 class _TokenLogProb(torch.autograd.Function):
-    """log p(y) = x_y - lse, its value and lse from the forward pass; masked rows hold 0."""
+    """log p(y) per row from the forward pass (0 at rows with mask False)."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, lse, logprob, mask, temperature):
-        ctx.save_for_backward(logits, tokens, lse, mask)
+    def forward(ctx, logits, tokens, rp, mask, temperature):
+        ctx.save_for_backward(logits, tokens, rp.field("max_s"), rp.field("logsum_s"), mask)
         ctx.temperature = temperature
-        return logprob.clone()
+        return rp.field("student_logprob").clone()
 
     @staticmethod
     def backward(ctx, grad):
-        logits, tokens, lse, mask = ctx.saved_tensors
+        logits, tokens, max_s, logsum_s, mask = ctx.saved_tensors
         coef_y = _per_row(grad) / ctx.temperature
-        grad_logits = _softmax_grad(logits, lse, -coef_y, coef_y, tokens, mask, ctx.temperature)
-        return grad_logits, None, None, None, None, None
+        grad_logits = _softmax_grad(logits, (max_s, logsum_s), -coef_y, coef_y, tokens, mask,
+                                    ctx.temperature)
+        return grad_logits, None, None, None, None
 
 
 class _ReverseKL(torch.autograd.Function):
     """KL(p || q) per row from the forward pass; gradient w.r.t. the student only."""
 
     @staticmethod
-    def forward(ctx, student, teacher, lse_s, lse_t, kl, mask, temperature):
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl, mask)
+    def forward(ctx, student, teacher, rp, mask, temperature):
+        ctx.save_for_backward(student, teacher, *(rp.field(name) for name in (
+            "max_s", "logsum_s", "max_t", "logsum_t", "kl")), mask)
         ctx.temperature = temperature
-        return kl.clone()
+        return rp.field("kl").clone()
 
     @staticmethod
     def backward(ctx, grad):
-        student, teacher, lse_s, lse_t, kl, mask = ctx.saved_tensors
+        student, teacher, max_s, logsum_s, max_t, logsum_t, kl, mask = ctx.saved_tensors
         n, vocab = student.shape
         coef = _per_row(grad) / ctx.temperature
         grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
         block_v = _block_v(vocab)
         reverse_kl_grad_kernel[_grid(n, vocab, block_v)](
-            student, teacher, grad_student, lse_s, lse_t, kl, coef, mask, vocab, student.stride(0),
+            student, teacher, grad_student, max_s, logsum_s, max_t, logsum_t, kl, coef, mask, vocab, student.stride(0),
             teacher.stride(0), grad_student.stride(0), 1.0 / ctx.temperature, BLOCK_V=block_v,
             num_warps=_num_warps(block_v))
-        return grad_student, None, None, None, None, None, None
+        return grad_student, None, None, None, None
 
 
 def _stats(rp: RowPass) -> TopKStats:
@@ -175,16 +181,13 @@ def _stats(rp: RowPass) -> TopKStats:
 
 def logsumexp(logits, temperature):
     logits = _rows(logits)
-    rp = row_pass(logits, temperature=temperature)
-    return _LogSumExp.apply(logits, rp.field("lse_s"), temperature)
+    return _LogSumExp.apply(logits, row_pass(logits, temperature=temperature), temperature)
 
 
 def token_logprobs(logits, tokens, temperature):
     logits = _rows(logits)
     rp = row_pass(logits, tokens=tokens, temperature=temperature)
-    lse = rp.field("lse_s")
-    return _TokenLogProb.apply(logits, tokens, lse, rp.field("student_token") - lse, None,
-                               temperature)
+    return _TokenLogProb.apply(logits, tokens, rp, None, temperature)
 
 
 def reverse_kl(student, teacher, mask, temperature):
@@ -205,13 +208,11 @@ def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_s
         rp = row_pass(student, teacher, tokens if objective == "sampled" else None, mask,
                       k if return_stats or objective == "topk" else 0, temperature)
     if objective == "full":
-        loss = _ReverseKL.apply(student, teacher, rp.field("lse_s"), rp.field("lse_t"),
-                                rp.field("kl"), mask, temperature)
+        loss = _ReverseKL.apply(student, teacher, rp, mask, temperature)
     elif objective == "sampled":
-        lse_s, lse_t = rp.field("lse_s"), rp.field("lse_t")
-        logprob = rp.field("student_token") - lse_s          # 0 at uncounted rows
-        reward = (rp.field("teacher_token") - lse_t) - logprob
-        loss = -reward * _TokenLogProb.apply(student, tokens, lse_s, logprob, mask, temperature)
+        # r = log q(y) - log p(y), detached (0 at uncounted rows); loss -r log p(y)
+        reward = rp.field("teacher_logprob") - rp.field("student_logprob")
+        loss = -reward * _TokenLogProb.apply(student, tokens, rp, mask, temperature)
     elif objective == "topk":
         # Gathering at the ids makes autograd write the k-sparse gradient (zeros + k values).
         ids = rp.top_ids

@@ -1,0 +1,291 @@
+"""The Triton logits backend (opd_kernels.ops.triton_logits) through the public API, against the
+float64 reference: fp32 values and gradients within 1e-5 of the largest reference magnitude, or
+within twice PyTorch's own fp32 error where that is larger (a peaked row's gradient is a small
+difference of O(x) terms, so fp32 itself cannot do 1e-5 of it); fp16 no worse than PyTorch's
+own fp16 computation plus a small tolerance.
+Runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py); shapes stay small."""
+import interpreter_compat  # noqa: F401  (must precede the first launch)
+import pytest
+import torch
+
+import opd_kernels
+from opd_kernels import reference
+from opd_kernels.ops import triton_logits
+
+RTOL = 1e-5
+TRITON = dict(backend="triton")
+
+
+def _logits(*shape, seed=0, scale=3.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _close(actual, expected, rtol=RTOL, floor=0.0):
+    """|actual - expected| <= max(rtol * max|expected|, floor) elementwise (NaN, inf must match)."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    finite = torch.isfinite(expected)
+    assert torch.equal(actual[~finite & ~torch.isnan(expected)], expected[~finite & ~torch.isnan(expected)])
+    if finite.any():
+        scale = expected[finite].abs().max().clamp(min=1e-30)
+        err = (actual[finite] - expected[finite]).abs().max()
+        assert err <= max(rtol * scale, floor), f"max error {err:.3e} > {rtol:g} * {scale:.3e}"
+
+
+def _grad(loss_fn, *inputs, upstream=None):
+    """Gradients of sum(upstream * loss_fn(*inputs)) w.r.t. the first input (a leaf copy)."""
+    leaf = inputs[0].detach().clone().requires_grad_(True)
+    out = loss_fn(leaf, *inputs[1:])
+    weights = torch.ones_like(out) if upstream is None else upstream.to(out.dtype)
+    (out * weights).sum().backward()
+    return out.detach(), leaf.grad
+
+
+def _check(ours, ref, x, upstream=None):
+    """ours(x) against ref(x) in float64 (values and gradients); ref(x) in x's own dtype sets
+    the floor of the tolerance (see the module docstring)."""
+    value, grad = _grad(ours, x, upstream=upstream)
+    ref_value, ref_grad = _grad(ref, x.double(), upstream=upstream)
+    low_value, low_grad = _grad(ref, x, upstream=upstream)
+    finite = torch.isfinite(ref_grad)
+    grad_floor = 2 * (low_grad.double() - ref_grad)[finite].abs().max().item() if finite.any() else 0
+    finite = torch.isfinite(ref_value)
+    value_floor = 2 * (low_value.double() - ref_value)[finite].abs().max().item() if finite.any() else 0
+    assert value.dtype == torch.float32
+    _close(value, ref_value, floor=value_floor)
+    _close(grad, ref_grad, floor=grad_floor)
+    return value, grad
+
+
+def _upstream(shape, seed=5):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Force the small-N path: 128-wide blocks, every row split across 3 programs."""
+    monkeypatch.setattr(triton_logits, "_MAX_BLOCK_V", 128)
+    monkeypatch.setattr(triton_logits, "vocab_splits", lambda n_rows, n_blocks, device: min(3, n_blocks))
+
+
+# ---- logsumexp, token log-probs --------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 3, 1000)])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_logsumexp_and_token_logprobs(shape, temperature):
+    z = _logits(*shape)
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(1))
+    up = _upstream(shape[:-1])
+    _check(lambda x: opd_kernels.logsumexp(x, temperature=temperature, **TRITON),
+           lambda x: reference.logsumexp(x, temperature), z, up)
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, temperature=temperature, **TRITON),
+           lambda x: reference.token_logprobs(x, tokens, temperature), z, up)
+
+
+def test_logsumexp_split_rows(split_rows):
+    z = _logits(2, 1000, seed=3)
+    _check(lambda x: opd_kernels.logsumexp(x, **TRITON), reference.logsumexp, z)
+
+
+def test_huge_logits_do_not_overflow():
+    z = _logits(4, 300, seed=2)
+    z[0] += 1e4
+    z[1] -= 1e4
+    z[2, ::2] = 1e4
+    z[3, ::2] = -1e4
+    _check(lambda x: opd_kernels.logsumexp(x, temperature=0.5, **TRITON),
+           lambda x: reference.logsumexp(x, 0.5), z)
+
+
+# ---- reverse KL --------------------------------------------------------------------------------
+
+def _masks(lead, seed=4):
+    some = torch.rand(lead, generator=torch.Generator().manual_seed(seed)) > 0.4
+    some.view(-1)[0] = True
+    return {"none": None, "some": some, "all": torch.zeros(lead, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("mask_kind", ["none", "some", "all"])
+def test_reverse_kl(vocab, temperature, mask_kind):
+    lead = (2, 3)
+    s, t = _logits(*lead, vocab, seed=1), _logits(*lead, vocab, seed=2)
+    mask = _masks(lead)[mask_kind]
+    if mask is not None:  # uncounted rows are never read: garbage there must not leak
+        s = torch.where(mask[..., None], s, torch.full_like(s, float("nan")))
+        t = torch.where(mask[..., None], t, torch.full_like(t, float("inf")))
+    up = _upstream(lead)
+    value, grad = _check(
+        lambda x: opd_kernels.reverse_kl(x, t, mask=mask, temperature=temperature,
+                                         reduction="none", **TRITON),
+        lambda x: reference.opd_loss(x, t.to(x.dtype), "full", mask=mask, temperature=temperature,
+                                     reduction="none"), s, up)
+    ref_value = reference.opd_loss(s.double(), t.double(), "full", mask=mask,
+                                   temperature=temperature, reduction="none")
+    if mask is not None:
+        assert (value[~mask] == 0).all() and (grad[~mask] == 0).all()
+    for reduction in ("mean", "sum"):
+        reduced = opd_kernels.reverse_kl(s, t, mask=mask, temperature=temperature,
+                                         reduction=reduction, **TRITON)
+        _close(reduced, reference.reduce(ref_value, mask, reduction))
+
+
+def test_reverse_kl_split_rows(split_rows):
+    s, t = _logits(2, 1000, seed=5), _logits(2, 1000, seed=6)
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+           lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
+
+
+def test_reverse_kl_large_vocab():
+    s, t = _logits(2, 50257, seed=7), _logits(2, 50257, seed=8)
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+           lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
+
+
+def test_reverse_kl_teacher_minus_inf():
+    """Teacher -inf where the student is -inf too: a finite KL and gradient. Teacher -inf where
+    the student has mass: KL = +inf (documented), never NaN."""
+    s, t = _logits(3, 200, seed=9), _logits(3, 200, seed=10)
+    s[0, :50] = float("-inf")
+    t[0, :50] = float("-inf")
+    t[1, 150:] = float("-inf")              # teacher-only -inf where p = 0 is impossible here
+    s[1, 150:] = float("-inf")
+    s[2, :10] = float("-inf")               # student -inf, teacher finite: term 0
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+           lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
+    t[2, 100] = float("-inf")               # student has mass there
+    value = opd_kernels.reverse_kl(s, t, reduction="none", **TRITON)
+    assert value[2] == float("inf") and torch.isfinite(value[:2]).all()
+
+
+def test_reverse_kl_huge_logits():
+    s, t = _logits(4, 300, seed=11), _logits(4, 300, seed=12)
+    s[0] += 1e4
+    t[0] += 1e4
+    s[1] += 1e4                             # same shape, shifted: KL unchanged by the shift
+    t[1] -= 1e4
+    s[2, ::3] = 1e4
+    t[2, ::3] = 1e4
+    s[3, ::2] = -1e4
+    t[3, 1::2] = -1e4
+    _check(lambda x: opd_kernels.reverse_kl(x, t, temperature=0.5, reduction="none", **TRITON),
+           lambda x: reference.reverse_kl(x, t.to(x.dtype), 0.5), s)
+
+
+def test_reverse_kl_fp16_no_worse_than_torch():
+    s, t = _logits(4, 1000, seed=13, dtype=torch.float16), _logits(4, 1000, seed=14, dtype=torch.float16)
+    value, grad = _grad(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON), s)
+    ref_value, ref_grad = _grad(lambda x: reference.reverse_kl(x, t.double()), s.double())
+    torch_value, torch_grad = _grad(lambda x: reference.reverse_kl(x, t), s)
+    assert grad.dtype == torch.float16
+    for ours, ref, low in ((value, ref_value, torch_value), (grad, ref_grad, torch_grad)):
+        ours_err = (ours.double() - ref).abs().max()
+        torch_err = (low.double() - ref).abs().max()
+        assert ours_err <= torch_err + 1e-3 * ref.abs().max(), (ours_err, torch_err)
+
+
+# ---- top-k statistics --------------------------------------------------------------------------
+
+def _close_stats(stats, ref, mask=None):
+    for name, expected in ref.tensors().items():
+        actual = getattr(stats, name)
+        if mask is not None:
+            assert torch.isnan(actual[~mask]).all(), name
+            actual, expected = actual[mask], expected[mask]
+        _close(actual, expected)
+
+
+def _tied(*shape, seed):
+    """Logits on a coarse grid: many exact ties, so the top-k must break them by the lower id."""
+    return torch.round(_logits(*shape, seed=seed, scale=1.5) * 2) / 2
+
+
+@pytest.mark.parametrize("k", [1, 4, 16, 64])
+def test_topk_overlap(k):
+    vocab = 200
+    s, t = _tied(6, vocab, seed=15), _tied(6, vocab, seed=16)
+    t[1] = s[1]                             # full overlap
+    t[2] = -s[2]                            # (near) empty overlap: advantage NaN where empty
+    stats = opd_kernels.topk_overlap(s, t, k=k, temperature=0.5, **TRITON)
+    _close_stats(stats, reference.topk_overlap(s.double(), t.double(), k, 0.5))
+
+
+def test_topk_overlap_k_equals_vocab_and_mask():
+    s, t = _tied(2, 3, 7, seed=17), _tied(2, 3, 7, seed=18)
+    mask = _masks((2, 3))["some"]
+    stats = opd_kernels.topk_overlap(s, t, k=7, mask=mask, **TRITON)
+    ref = reference.topk_overlap(s.double(), t.double(), 7)
+    _close_stats(stats, ref, mask)
+    assert stats.summary()["overlap"] == pytest.approx(1.0)
+    none = opd_kernels.topk_overlap(s, t, k=2, mask=torch.zeros(2, 3, dtype=torch.bool), **TRITON)
+    assert all(torch.isnan(v).all() for v in none.tensors().values())
+
+
+def test_topk_overlap_split_rows_large_vocab(split_rows):
+    s, t = _tied(2, 1000, seed=19), _tied(2, 1000, seed=20)
+    stats = opd_kernels.topk_overlap(s, t, k=16, **TRITON)
+    _close_stats(stats, reference.topk_overlap(s.double(), t.double(), 16))
+
+
+def test_topk_overlap_vocab_50257():
+    s, t = _logits(2, 50257, seed=21), _logits(2, 50257, seed=22)
+    t[1] = s[1] + 0.1 * t[1]
+    stats = opd_kernels.topk_overlap(s, t, k=16, **TRITON)
+    _close_stats(stats, reference.topk_overlap(s.double(), t.double(), 16))
+
+
+# ---- the three objectives ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+@pytest.mark.parametrize("mask_kind", ["none", "some", "all"])
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_opd_loss(objective, mask_kind, return_stats):
+    lead, vocab, k, tau = (2, 3), 300, 4, 2.0
+    s, t = _tied(*lead, vocab, seed=23), _logits(*lead, vocab, seed=24)
+    tokens = torch.randint(0, vocab, lead, generator=torch.Generator().manual_seed(25))
+    mask = _masks(lead, seed=26)[mask_kind]
+    if mask is not None:
+        tokens = torch.where(mask, tokens, torch.full_like(tokens, -100))  # an ignore index
+    up = _upstream(lead)
+
+    def ours(x):
+        out = opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens, k=k, mask=mask,
+                                   temperature=tau, reduction="none", return_stats=return_stats,
+                                   **TRITON)
+        if return_stats:
+            out, ours.stats = out
+        return out
+
+    value, grad = _check(
+        ours, lambda x: reference.opd_loss(x, t.to(x.dtype), objective, tokens=tokens, k=k,
+                                           mask=mask, temperature=tau, reduction="none"), s, up)
+    if mask is not None:
+        assert (value[~mask] == 0).all() and (grad[~mask] == 0).all()
+    if return_stats:
+        _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), k, tau),
+                     mask if mask is not None else None)
+
+
+@pytest.mark.parametrize("k", [1, 16, 64])
+def test_topk_objective_ties_and_k(k):
+    s, t = _tied(3, 100, seed=27), _logits(3, 100, seed=28)
+    _, grad = _check(lambda x: opd_kernels.opd_loss(x, t, objective="topk", k=k, reduction="none",
+                                                    **TRITON),
+                     lambda x: reference.topk_loss(x, t.to(x.dtype), k), s)
+    assert ((grad != 0).sum(-1) <= k).all()  # the gradient lives on the k selected ids
+
+
+def test_sampled_split_rows_with_stats(split_rows):
+    s, t = _logits(2, 1000, seed=29), _logits(2, 1000, seed=30)
+    tokens = torch.tensor([3, 999])
+
+    def ours(x):
+        loss, ours.stats = opd_kernels.opd_loss(x, t, objective="sampled", tokens=tokens, k=16,
+                                                reduction="none", return_stats=True, **TRITON)
+        return loss
+
+    _check(ours, lambda x: reference.sampled_loss(x, t.to(x.dtype), tokens), s)
+    _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), 16))
