@@ -1,8 +1,8 @@
 """Every implementation the suite times: ours, the PyTorch baselines and the peers.
 
 An implementation's ``build(case, mode, inputs, k, temperature)`` returns a closure that runs the
-forward once and returns its output (a scalar or per-row tensor, or the statistics), or raises
-:class:`NotApplicable` when it has no such op. Peers are optional imports.
+forward once and returns its output (a scalar or per-row tensor, or the statistics); it is called
+only where ``applies(case, mode, temperature)``. Peers are optional imports.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from .registry import Case
 from .workloads import Inputs
 
 
-class NotApplicable(Exception):
-    """The implementation has no version of this op (or mode)."""
+def _everywhere(case: Case, mode: str, tau: float) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Impl:
     name: str
     kind: str  # "ours" | "pytorch" | "peer"
     build: Callable
+    applies: Callable[[Case, str, float], bool] = _everywhere
     peer: Optional[str] = None  # the module a peer lives in
 
 
@@ -91,10 +92,12 @@ def _scaled(z, tau):
     return z if tau == 1.0 else z / tau
 
 
+def _kl_in(form):
+    return lambda case, mode, tau: case.form == form and case.op in _KL_OPS
+
+
 def _liger_jsd(case, mode, x, k, tau):
     """LigerJSD(beta=1) = KL(student || teacher); it takes log-probs, made by log_softmax."""
-    if case.form != "logits" or case.op not in _KL_OPS:
-        raise NotApplicable
     from liger_kernel.transformers import LigerJSD
 
     jsd = LigerJSD(beta=1.0)
@@ -103,8 +106,6 @@ def _liger_jsd(case, mode, x, k, tau):
 
 
 def _liger_fused_jsd(case, mode, x, k, tau):
-    if case.form != "fused" or case.op not in _KL_OPS:
-        raise NotApplicable
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     loss = LigerFusedLinearJSD(jsd_beta=1.0, temperature=tau)
@@ -113,8 +114,6 @@ def _liger_fused_jsd(case, mode, x, k, tau):
 
 def _liger_chunked_jsd(case, mode, x, k, tau):
     """The torch.compile'd chunked loss, soft (distillation) term only."""
-    if case.form != "fused" or case.op not in _KL_OPS:
-        raise NotApplicable
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
@@ -122,20 +121,21 @@ def _liger_chunked_jsd(case, mode, x, k, tau):
     return lambda: loss(x.student, x.student_weight, x.teacher, x.teacher_weight, x.tokens)
 
 
+def _cce_applies(case, mode, tau):
+    """Token log-probs, and the lse forward (CCE has no lse backward of its own); no temperature."""
+    return case.form == "fused" and tau == 1.0 and (
+        case.op == "token_logprobs" or (case.op == "logsumexp" and mode == "fwd"))
+
+
 def _cce(case, mode, x, k, tau):
-    """Cut Cross-Entropy: token log-probs = -linear_cross_entropy; lse from its forward kernel
-    (forward only: it has no lse backward of its own). No temperature."""
-    if case.form != "fused" or tau != 1.0:
-        raise NotApplicable
+    """Cut Cross-Entropy: token log-probs = -linear_cross_entropy; lse from its forward kernel."""
     if case.op == "token_logprobs":
         from cut_cross_entropy import linear_cross_entropy
 
         return lambda: -linear_cross_entropy(x.student, x.student_weight, x.tokens, reduction="none")
-    if case.op == "logsumexp" and mode == "fwd":
-        from cut_cross_entropy.cce_lse_forward import cce_lse_forward_kernel
+    from cut_cross_entropy.cce_lse_forward import cce_lse_forward_kernel
 
-        return lambda: cce_lse_forward_kernel(x.student, x.student_weight)
-    raise NotApplicable
+    return lambda: cce_lse_forward_kernel(x.student, x.student_weight)
 
 
 IMPLS = {impl.name: impl for impl in (
@@ -143,10 +143,10 @@ IMPLS = {impl.name: impl for impl in (
     Impl("opd-torch", "ours", _ours("torch")),
     Impl("eager", "pytorch", _pytorch(compiled=False)),
     Impl("compile", "pytorch", _pytorch(compiled=True)),
-    Impl("liger-jsd", "peer", _liger_jsd, peer="liger_kernel"),
-    Impl("liger-fused-jsd", "peer", _liger_fused_jsd, peer="liger_kernel"),
-    Impl("liger-chunked-jsd", "peer", _liger_chunked_jsd, peer="liger_kernel"),
-    Impl("cce", "peer", _cce, peer="cut_cross_entropy"),
+    Impl("liger-jsd", "peer", _liger_jsd, _kl_in("logits"), peer="liger_kernel"),
+    Impl("liger-fused-jsd", "peer", _liger_fused_jsd, _kl_in("fused"), peer="liger_kernel"),
+    Impl("liger-chunked-jsd", "peer", _liger_chunked_jsd, _kl_in("fused"), peer="liger_kernel"),
+    Impl("cce", "peer", _cce, _cce_applies, peer="cut_cross_entropy"),
 )}
 GPU_IMPLS = ("opd-triton", "eager", "compile", "liger-jsd", "liger-fused-jsd",
              "liger-chunked-jsd", "cce")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .impls import IMPLS, NotApplicable, peer_status, peer_usable
+from .impls import IMPLS, peer_status, peer_usable
 from .registry import Case
 from .roofline import floor_ms, measure_ceilings
 from .timing import Budget, is_oom, measure, release_memory
@@ -133,7 +133,7 @@ def run(config: Config, log=print, checkpoint=None) -> dict:
     return payload()
 
 
-def _row(case: Case, mode: str, impl, config: Config) -> dict:
+def _row(case: Case, mode: str, impl) -> dict:
     m = case.model
     return {"case": case.label, "op": case.op, "form": case.form, "model": m.name, "n": case.n,
             "vocab": m.vocab, "student_hidden": m.student_hidden, "teacher_hidden": m.teacher_hidden,
@@ -146,7 +146,9 @@ def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) 
     rows, inputs = [], None
     try:
         for impl in impls:
-            row = _row(case, mode, impl, config)
+            if not impl.applies(case, mode, config.temperature):
+                continue
+            row = _row(case, mode, impl)
             row.update(floor_quantity=quantity, floor_amount=amount, floor_ms=floor_time)
             if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
                 rows.append({**row, "status": "skipped: time budget"})
@@ -161,8 +163,6 @@ def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) 
                     continue
             try:
                 fn = impl.build(case, mode, inputs, config.k, config.temperature)
-            except NotApplicable:
-                continue
             except Exception as exc:
                 rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:300]})
                 log(f"{case.label} {mode} {impl.name}: {rows[-1]['status']}")
