@@ -7,21 +7,31 @@ import interpreter_compat  # noqa: F401
 import triton
 import triton.language as tl
 
-from opd_kernels.kernels.topk_select import (MIN_KEY, block_can_enter, merge_sorted, merge_topk,
-                                             pack_keys, unpack_ids, unpack_values)
+from opd_kernels.kernels.topk_select import (MIN_KEY, block_can_enter, insert_topk, merge_sorted,
+                                             merge_topk, no_keys, pack_keys, unpack_ids,
+                                             unpack_values)
 
 
 @triton.jit
-def _row_topk_kernel(x_ptr, vals_ptr, ids_ptr, V, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """One row a program, blocks merged behind the scalar skip branch."""
+def _row_topk_kernel(x_ptr, vals_ptr, ids_ptr, V, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                     INSERT: tl.constexpr):
+    """One row a program: blocks merged behind the scalar skip branch, or inserted key by key
+    into an unsorted list that is sorted at the end."""
     row = tl.program_id(0)
-    running = tl.full([K_PAD], MIN_KEY, tl.int64)
+    if INSERT:
+        running = no_keys(K_PAD)
+    else:
+        running = tl.full([K_PAD], MIN_KEY, tl.int64)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * V + offs, mask=offs < V, other=0.0).to(tl.float32)
         keys = tl.where(offs < V, pack_keys(x, offs), MIN_KEY)
-        if block_can_enter(running, keys):
+        if INSERT:
+            running = insert_topk(running, keys)
+        elif block_can_enter(running, keys):
             running = merge_topk(running, keys, K_PAD)
+    if INSERT and K_PAD > 1:
+        running = tl.sort(running, descending=True)
     out = row * K_PAD + tl.arange(0, K_PAD)
     tl.store(vals_ptr + out, unpack_values(running))
     tl.store(ids_ptr + out, unpack_ids(running))
@@ -71,19 +81,20 @@ def _rows(V, seed=0):
     return x
 
 
+@pytest.mark.parametrize("insert", [False, True])
 @pytest.mark.parametrize("V,K_PAD,BLOCK", [(7, 8, 8), (300, 1, 128), (1000, 16, 128),
                                            (1000, 64, 256)])
-def test_row_topk_matches_stable_sort(V, K_PAD, BLOCK):
+def test_row_topk_matches_stable_sort(V, K_PAD, BLOCK, insert):
     x = _rows(V)
     vals = torch.empty(5, K_PAD)
     ids = torch.empty(5, K_PAD, dtype=torch.int32)
-    _row_topk_kernel[(5,)](x, vals, ids, V, K_PAD=K_PAD, BLOCK=BLOCK)
+    _row_topk_kernel[(5,)](x, vals, ids, V, K_PAD=K_PAD, BLOCK=BLOCK, INSERT=insert)
     k = min(K_PAD, V)
     want_vals, want_ids = _expected(x, k)
     assert torch.equal(ids[:, :k].long(), want_ids)
     assert torch.equal(vals[:, :k], want_vals)
-    if K_PAD > V:  # lanes past the vocabulary hold the minimum key: NaN value, id 0x7FFFFFFF
-        assert torch.isnan(vals[:, V:]).all() and (ids[:, V:] == 0x7FFFFFFF).all()
+    if K_PAD > V:  # lanes past the vocabulary hold keys below every real one (NaN values)
+        assert torch.isnan(vals[:, V:]).all() and (ids[:, V:] >= 0x7FFFFFFF - K_PAD).all()
 
 
 @pytest.mark.parametrize("K_PAD", [1, 4, 16])
