@@ -104,7 +104,7 @@ def fused_linear_kl_merge_kernel(
     tl.store(kl_ptr + offs_n, diff / s_s - lse_s + lse_t, mask=row_ok)
 
 
-def _forward_spec(dtype: str, block_n=128, block_v=128, block_h=64, num_warps=8):
+def _forward_spec(dtype: str, block_n=128, block_v=64, block_h=64, num_warps=8):
     ptr = f"*{dtype}"
     signature = {
         "student_hidden_ptr": ptr, "student_weight_ptr": ptr, "teacher_hidden_ptr": ptr,

@@ -199,8 +199,12 @@ AOT_SPECS = [
     *(_forward_spec(dt, f"{dt}") for dt in ("bf16", "fp16")),
     _forward_spec("fp32", "fp32", block_n=64, block_h=32),
     _forward_spec("bf16", "bf16,target", has_target=True),
-    _forward_spec("bf16", "bf16,entropy,target,top16", has_target=True, with_entropy=True, k_pad=16),
-    _forward_spec("bf16", "bf16,entropy,top64", with_entropy=True, k_pad=64),
+    # a running top-k takes 64-wide vocabulary tiles (registers), as the launcher picks
+    _forward_spec("bf16", "bf16,entropy,target,top16", has_target=True, with_entropy=True, k_pad=16,
+                  block_v=64),
+    _forward_spec("bf16", "bf16,entropy,top64", with_entropy=True, k_pad=64, block_v=64),
+    _forward_spec("fp32", "fp32,entropy,top16", with_entropy=True, k_pad=16, block_n=64,
+                  block_v=64, block_h=32),
     _merge_spec("plain"),
     _merge_spec("entropy,target,top16", has_target=True, with_entropy=True, k_pad=16),
 ]

@@ -7,13 +7,16 @@ tiles, writes one token chunk of dL/du (u = h W^T) at a time, and turns it into 
 two GEMMs (dW accumulated in ``weight_grad_dtype``, fp32 by default, then cast).
 
 FLOPs per call, with P_s = 2 N K Hs and P_t = 2 N K Ht one lm_head product of each model; the
-floor is what no implementation can avoid (forward products it needs + dense backward 2 P_s):
-    objective  forward              backward                 total           floor
-    full       P_s + P_t            P_s + P_t (recompute)    3P_s+2P_t+2P_s  P_s+P_t+2P_s
-                                    + 2 P_s (GEMMs)
-    sampled    P_s + P_t            P_s (recompute) + 2 P_s  4 P_s + P_t     3 P_s + P_t
-    topk       P_s + 2 N k Ht       4 N k Hs (sparse)        P_s + ~0        P_s
-    logsumexp / token log-probs: P_s forward, P_s + 2 P_s backward (floor 3 P_s).
+floor counts what no implementation can avoid (the forward products the loss needs, plus the
+dense backward's two GEMMs, 2 P_s, where the gradient is dense):
+    objective   forward          backward                              total          floor
+    full        P_s + P_t        P_s + P_t (recompute) + 2 P_s (GEMMs)  4 P_s + 2 P_t  3 P_s + P_t
+    sampled     P_s + P_t        P_s (recompute) + 2 P_s (GEMMs)        4 P_s + P_t    3 P_s + P_t
+    topk        P_s + 2 N k Ht   4 N k Hs (k-sparse)                    ~P_s           P_s
+    logsumexp, token log-probs: P_s forward, P_s + 2 P_s backward       4 P_s          3 P_s
+Qwen2.5 1.5B <- 7B, N = 8192: P_s = 3.8 TFLOP, P_t = 8.9 TFLOP, so "full" does 33.1 TFLOP against
+a 20.4 TFLOP floor (the recomputation caps it at 62% of the matmul rate over the floor) and
+"topk" ~3.8 TFLOP, no teacher lm_head product at all.
 ``return_stats`` adds the teacher's own top-k and both entropies: free for ``sampled`` (its
 passes carry them), + P_t for ``topk`` (the teacher pass it otherwise skips), + P_s + P_t for
 ``full`` (its pair pass does not carry the top-k; two single-model passes run beside it).
@@ -50,18 +53,21 @@ class _Tiles:
     num_warps: int
 
 
-def _tiles(hidden: torch.Tensor, topk: bool = False) -> _Tiles:
+def _tiles(hidden: torch.Tensor, topk: bool = False, pair: bool = False) -> _Tiles:
     """Hopper-sized tiles on a GPU (bf16/fp16: 128x128 logits, K-blocks of 64, so tl.dot maps to
-    HGMMA); fp32 halves the row block. The CPU interpreter has no tensor cores, takes any tile
-    size and pays per operation, so it gets no padding rows and wide vocabulary tiles, except
-    where a running top-k is kept: its in-kernel sort costs the interpreter per element."""
+    HGMMA); fp32 halves the row block. Two live logits tiles (``pair``) or a running top-k beside
+    one take 64-wide vocabulary tiles, which keeps them within 255 registers without spills.
+    The CPU interpreter has no tensor cores, takes any tile size and pays per operation, so it
+    gets no padding rows and wide vocabulary tiles, except where a running top-k is kept: its
+    in-kernel sort costs the interpreter per element."""
     rows, width = hidden.shape
     if hidden.is_cuda:
+        narrow = topk or pair
         if hidden.dtype == torch.float32:
-            return _Tiles(64, 128, 32, 8)
-        return _Tiles(128, 128, 64, 8)
+            return _Tiles(64, 64 if narrow else 128, 32, 8)
+        return _Tiles(128, 64 if narrow else 128, 64, 8)
     return _Tiles(min(64, triton.next_power_of_2(rows)), 128 if topk else 512,
-                  min(128, max(16, triton.next_power_of_2(width))), 4)
+                  min(128, triton.next_power_of_2(width)), 4)
 
 
 def _vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
@@ -138,7 +144,7 @@ def _pair_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, voc
     """(lse_s, lse_t, KL) per row in one pass over both models' tiles (fused_linear_kl.py)."""
     hs, ws, ht, wt = map(_rows, (student_hidden, student_weight, teacher_hidden, teacher_weight))
     n = hs.shape[0]
-    t = _tiles(hs if hs.shape[1] >= ht.shape[1] else ht)
+    t = _tiles(hs if hs.shape[1] >= ht.shape[1] else ht, pair=True)
     row_blocks, vocab_tiles = triton.cdiv(n, t.block_n), triton.cdiv(vocab_size, t.block_v)
     n_splits, per_split = _vocab_splits(row_blocks, vocab_tiles, hs.device)
     if splits is not None:
