@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_check.sh [--quick] [more python -m bench options]
 #
+# Fits one 10-minute device command (give the call timeout_s=600): correctness at most 3 minutes
+# (it also fills Triton's kernel cache for the suite), the suite at most about 6.
 # 1. bench.correctness: every public op on the Triton backend against the float64 reference,
 #    in fp32, bf16 and fp16 (the CPU tests cannot check bf16: the interpreter gets it wrong).
 # 2. python -m bench: the suite (about 6 minutes; --quick about 2), results under bench/results/.
@@ -27,8 +29,8 @@ step() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; return "${PIPE
 
 step nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv
 step python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step timeout 240 python3 -m bench.correctness; correctness=$?
-step timeout 450 python3 -m bench "$@"; suite=$?
+step timeout 180 python3 -m bench.correctness; correctness=$?
+step timeout 400 python3 -m bench "$@"; suite=$?
 echo "== correctness exit $correctness, suite exit $suite" | tee -a "$log"
 
 if [ -n "${OUT:-}" ]; then
