@@ -18,8 +18,9 @@ export PYTHONUNBUFFERED=1
 results=bench/results
 mkdir -p "$results"
 if compgen -G ".whl/*.whl" >/dev/null; then
+  peers=$(mktemp -d)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/opd-bench-peers .whl/*.whl && export PYTHONPATH=/tmp/opd-bench-peers${PYTHONPATH:+:$PYTHONPATH}
+    --target "$peers" .whl/*.whl && export PYTHONPATH=$peers${PYTHONPATH:+:$PYTHONPATH}
 fi
 commit=${OPD_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export OPD_BENCH_COMMIT=$commit
