@@ -20,10 +20,8 @@ import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
 from opd_kernels.kernels.fused_linear_tile import logits_tile
-from opd_kernels.kernels.topk_select import block_can_enter, merge_sorted, merge_topk, pack_keys
-from opd_kernels.kernels.topk_select import unpack_ids, unpack_values
-
-MIN_KEY: tl.constexpr = tl.constexpr(-(2**63))
+from opd_kernels.kernels.topk_select import (MIN_KEY, block_can_enter, merge_sorted, merge_topk,
+                                             pack_keys, unpack_ids, unpack_values)
 
 
 def _dot_precision(args):
