@@ -153,7 +153,8 @@ def row_stats_partial_kernel(
         if WITH_STATS:
             c_s = _moved(c_s, alpha_s, s_s, shift_s) + tl.sum(tl.where(live_s, e_s * d_s, 0.0))
         if HAS_TEACHER:
-            z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+            z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
+                          other=float("-inf")).to(tl.float32)
             x_t = z_t * inv_tau
             m_t_new = tl.maximum(m_t, tl.max(x_t))
             ref_t = _reference_max(m_t_new)
@@ -368,11 +369,11 @@ AOT_SPECS = [
     # reverse KL (full objective), sampled objective
     *(_partial_spec(dt, f"{dt},kl", mask=True) for dt in ("fp32", "bf16", "fp16")),
     # topk objective without statistics: the student's selection only
-    _partial_spec("bf16", "bf16,top16", teacher=False, mask=True, k_pad=16),
+    _partial_spec("bf16", "bf16,top16", teacher=False, mask=True, k_pad=16, block_v=2048),
     # statistics (+ KL) from the same pass
-    _partial_spec("bf16", "bf16,kl,stats,top16", mask=True, k_pad=16),
-    _partial_spec("bf16", "bf16,kl,stats,top64", mask=True, k_pad=64),
-    _partial_spec("fp32", "fp32,kl,stats,top1", k_pad=1),
+    _partial_spec("bf16", "bf16,kl,stats,top16", mask=True, k_pad=16, block_v=2048),
+    _partial_spec("bf16", "bf16,kl,stats,top64", mask=True, k_pad=64, block_v=2048),
+    _partial_spec("fp32", "fp32,kl,stats,top1", k_pad=1, block_v=2048),
     _finalize_spec("bf16", "bf16,lse,tokens", teacher=False, tokens=True),
     _finalize_spec("bf16", "bf16,kl,tokens,mask", mask=True, tokens=True),
     _finalize_spec("bf16", "bf16,top16,mask", teacher=False, mask=True, k_pad=16),

@@ -29,8 +29,10 @@ from opd_kernels.kernels.row_stats import row_stats_finalize_kernel, row_stats_p
 from opd_kernels.stats import TopKStats
 
 # One vocabulary block per loop iteration: 4096 elements (8 KB of bf16) for 8 warps, 16 a
-# thread, enough bytes in flight to stream at HBM speed.
+# thread, enough bytes in flight to stream at HBM speed. A pass that keeps both running top-k
+# lists holds more per element: at 4096 it needs 217 registers a thread on sm_90, at 2048 128.
 _MAX_BLOCK_V = 4096
+_MAX_BLOCK_V_TOPK = 2048
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_v(vocab: int, k_pad: int = 0) -> int:
-    return max(min(triton.next_power_of_2(vocab), _MAX_BLOCK_V), k_pad, 16)
+    cap = _MAX_BLOCK_V_TOPK if k_pad else _MAX_BLOCK_V
+    return max(min(triton.next_power_of_2(vocab), cap), k_pad, 16)
 
 
 def _num_warps(block_v: int) -> int:
@@ -68,13 +71,19 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
     """One read of the logits: lse (both models), KL, token logits, entropies, top-k statistics
     (teacher and k > 0), student top-k ids (k > 0), as ``row_stats`` describes."""
     n, vocab = student.shape
+    device = student.device
+    fields = torch.empty(row_stats.NUM_FIELDS.value, n, dtype=torch.float32, device=device)
+    top_ids = torch.empty(n, k, dtype=torch.int64, device=device) if k else None
+    if n == 0:
+        return RowPass(fields, top_ids)
+    mask = None if mask is None else mask.contiguous()
+    tokens = None if tokens is None else tokens.contiguous()
     k_pad = triton.next_power_of_2(k) if k else 0
     block_v = _block_v(vocab, k_pad)
     n_blocks = triton.cdiv(vocab, block_v)
     splits = vocab_splits(n, n_blocks, student.device)
     blocks_per_split = triton.cdiv(n_blocks, splits)
     splits = triton.cdiv(n_blocks, blocks_per_split)
-    device = student.device
     state = torch.empty(n, splits, row_stats.NUM_STATE.value, dtype=torch.float32, device=device)
     keys = torch.empty(n, splits, 2, k_pad, dtype=torch.int64, device=device) if k else None
     inv_tau = 1.0 / temperature
@@ -82,8 +91,6 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
     row_stats_partial_kernel[(n, splits)](
         student, teacher, mask, state, keys, vocab, student.stride(0), stride_t, blocks_per_split,
         inv_tau, BLOCK_V=block_v, K_PAD=max(k_pad, 1), num_warps=_num_warps(block_v))
-    fields = torch.empty(row_stats.NUM_FIELDS.value, n, dtype=torch.float32, device=device)
-    top_ids = torch.empty(n, k, dtype=torch.int64, device=device) if k else None
     row_stats_finalize_kernel[(n,)](
         state, keys, student, teacher, tokens, mask, fields, top_ids, n, splits,
         student.stride(0), stride_t, inv_tau, k, K_PAD=max(k_pad, 1), num_warps=4)
@@ -100,6 +107,8 @@ def _softmax_grad(logits, lse_parts, coef_p, coef_y=None, tokens=None, mask=None
     lse_parts = (max, logsum) of the row, lse = max + logsum."""
     n, vocab = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if n == 0:
+        return grad
     block_v = _block_v(vocab)
     softmax_grad_kernel[_grid(n, vocab, block_v)](
         logits, grad, *lse_parts, coef_p, coef_y, tokens, mask, vocab, logits.stride(0),
@@ -161,11 +170,13 @@ class _ReverseKL(torch.autograd.Function):
         n, vocab = student.shape
         coef = _per_row(grad) / ctx.temperature
         grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
+        if n == 0:
+            return grad_student, None, None, None, None
         block_v = _block_v(vocab)
         reverse_kl_grad_kernel[_grid(n, vocab, block_v)](
-            student, teacher, grad_student, max_s, logsum_s, max_t, logsum_t, kl, coef, mask, vocab, student.stride(0),
-            teacher.stride(0), grad_student.stride(0), 1.0 / ctx.temperature, BLOCK_V=block_v,
-            num_warps=_num_warps(block_v))
+            student, teacher, grad_student, max_s, logsum_s, max_t, logsum_t, kl, coef, mask,
+            vocab, student.stride(0), teacher.stride(0), grad_student.stride(0),
+            1.0 / ctx.temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
         return grad_student, None, None, None, None
 
 
@@ -201,6 +212,7 @@ def topk_overlap(student, teacher, k, mask, temperature):
 
 def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_stats):
     student, teacher = _rows(student), _rows(teacher.detach())
+    mask = None if mask is None else mask.contiguous()
     if objective == "topk" and not return_stats:
         # The teacher is needed at the student's k ids only: no pass over its logits.
         rp = row_pass(student, mask=mask, k=k, temperature=temperature)
