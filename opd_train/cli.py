@@ -158,7 +158,7 @@ def run(cfg) -> dict:
             results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
     results["wall_time_s"] = time.time() - began
     atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
-    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "plots"))
+    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "diagnostics.png"))
     print(_table(results))
     print(f"run folder: {cfg.output_dir} (checkpoint: {latest_checkpoint(checkpoints)})")
     return results

@@ -1,4 +1,4 @@
-"""PNG plots of the per-step diagnostics in metrics.jsonl (matplotlib, Agg backend)."""
+"""A PNG of the per-step diagnostics in metrics.jsonl (matplotlib, Agg backend)."""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 PANELS = (
-    ("reverse_kl", "reverse KL (token mean)"),
-    ("overlap", "top-k overlap ratio"),
+    (("reverse_kl",), "reverse KL (token mean)"),
+    (("overlap",), "top-k overlap ratio"),
     (("student_mass", "teacher_mass"), "overlap mass"),
-    ("overlap_advantage", "overlap-token advantage"),
+    (("overlap_advantage",), "overlap-token advantage"),
     (("student_entropy", "teacher_entropy"), "entropy"),
-    ("reward", "mean reward"),
-    ("grad_norm", "gradient norm"),
-    ("response_length", "response length (tokens)"),
-    ("tokens_per_s", "response tokens / s"),
+    (("reward",), "mean reward"),
+    (("grad_norm",), "gradient norm"),
+    (("response_length",), "response length (tokens)"),
+    (("tokens_per_s",), "response tokens / s"),
 )
 
 
@@ -28,32 +28,22 @@ def read_metrics(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_path: str, out_dir: str) -> list:
-    """One PNG with a panel per diagnostic, plus one PNG per panel; returns the files written."""
-    rows = read_metrics(metrics_path)
+def plot_metrics(metrics_path: str, out_path: str) -> bool:
+    """One PNG, a panel per diagnostic against the step; False when there is nothing to plot."""
+    rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
     if not rows:
-        return []
-    os.makedirs(out_dir, exist_ok=True)
+        return False
     steps = [r["step"] for r in rows]
-    written = []
     cols = 3
-    grid, axes = plt.subplots(math.ceil(len(PANELS) / cols), cols, figsize=(4.2 * cols, 3.0 * math.ceil(len(PANELS) / cols)))
+    fig, axes = plt.subplots(math.ceil(len(PANELS) / cols), cols, figsize=(13, 9))
     for ax, (keys, title) in zip(axes.flat, PANELS):
-        single, single_ax = plt.subplots(figsize=(5, 3.2))
-        for target in (ax, single_ax):
-            for key in (keys,) if isinstance(keys, str) else keys:
-                target.plot(steps, [r.get(key, math.nan) for r in rows], label=key)
-            target.set_title(title)
-            target.set_xlabel("step")
-            if not isinstance(keys, str):
-                target.legend(fontsize="small")
-        name = os.path.join(out_dir, f"{keys if isinstance(keys, str) else keys[0].split('_')[1]}.png")
-        single.tight_layout()
-        single.savefig(name, dpi=100)
-        plt.close(single)
-        written.append(name)
-    grid.tight_layout()
-    overview = os.path.join(out_dir, "diagnostics.png")
-    grid.savefig(overview, dpi=100)
-    plt.close(grid)
-    return [overview] + written
+        for key in keys:
+            ax.plot(steps, [r.get(key, math.nan) for r in rows], label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return True

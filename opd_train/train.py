@@ -81,12 +81,12 @@ def _cat_stats(parts: list) -> TopKStats:
     return TopKStats(**fields, mask=torch.cat([p.mask for p in parts]))
 
 
-def _truncate_metrics(path: str, first_step: int) -> None:
+def _truncate_metrics(path: str, steps_done: int) -> None:
     """Drop lines of steps a resumed run will redo (they ran after the last checkpoint)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] < first_step]
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= steps_done]
     with open(path, "w") as f:
         f.writelines(kept)
 

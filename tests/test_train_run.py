@@ -1,0 +1,156 @@
+"""opd_train end to end on tiny models (seconds): a run with every output, resume equal to an
+uninterrupted run, checkpoint reload, and the command line's errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from opd_train import task, train
+from opd_train.checkpoint import latest_checkpoint, save_model_dir
+from opd_train.cli import main
+from opd_train.models import tiny_llama
+from opd_train.tokenizer import build_char_tokenizer
+
+METRIC_KEYS = {"step", "loss", "reverse_kl", "overlap", "student_mass", "teacher_mass",
+               "overlap_advantage", "student_entropy", "teacher_entropy", "reward", "grad_norm",
+               "response_length", "tokens_per_s"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine they lose much."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny student and teacher (random weights) and prompt/eval files of task problems."""
+    root = tmp_path_factory.mktemp("models")
+    tok = build_char_tokenizer(task.ALPHABET)
+    torch.manual_seed(0)
+    for name, hidden in (("student", 16), ("teacher", 24)):
+        save_model_dir(str(root / name), tiny_llama(tok, hidden, 1, 2, 64), tok)
+    for name, seed in (("prompts.jsonl", 1), ("eval.jsonl", 2)):
+        with open(root / name, "w") as f:
+            for p in task.problems(8, 2, seed):
+                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+    return root
+
+
+def _args(root, out, *extra):
+    return ["--student", str(root / "student"), "--teacher", str(root / "teacher"),
+            "--prompts", str(root / "prompts.jsonl"), "--eval-file", str(root / "eval.jsonl"),
+            "--output-dir", str(out), "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+            "--max-new-tokens", "8", "--lr", "1e-2", "--k", "4", "--seed", "5", *extra]
+
+
+@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+def test_tiny_end_to_end(setup, tmp_path, objective, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--steps", "2", "--objective", objective)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["objective"] == objective and config["device"] == "cpu" and config["dtype"] == "float32"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and METRIC_KEYS <= set(rows[0])
+    assert all(r["reverse_kl"] > 0 and 0 <= r["overlap"] <= 1 and r["grad_norm"] > 0 for r in rows)
+    assert (out / "diagnostics.png").stat().st_size > 0
+    results = json.loads((out / "eval.json").read_text())
+    assert {"student_before", "student_after", "teacher", "gap_recovery"} <= set(results)
+    assert "gap recovery" in capsys.readouterr().out
+    # the checkpoint is a Hugging Face model folder, and it holds the trained weights
+    ckpt = latest_checkpoint(str(out / "checkpoints"))
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(ckpt)
+    start = AutoModelForCausalLM.from_pretrained(setup / "student")
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+
+
+def _weights(out):
+    return load_file(os.path.join(latest_checkpoint(str(out / "checkpoints")), "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    """Ctrl-C during step 2 (of 4): the run finishes that step, checkpoints and stops; --resume
+    then ends with weights bitwise equal to a run that was never interrupted."""
+    common = ("--steps", "4", "--save-every", "3", "--objective", "sampled")
+    assert main(_args(setup, tmp_path / "straight", *common)) == 0
+
+    calls = []
+    real_generate = train.generate
+
+    def interrupting_generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "generate", interrupting_generate)
+    out = tmp_path / "interrupted"
+    assert main(_args(setup, out, *common)) == 0
+    assert latest_checkpoint(str(out / "checkpoints")).endswith("step-000002")
+    monkeypatch.setattr(train, "generate", real_generate)
+    assert main(["--resume", str(out)]) == 0
+
+    straight, resumed = _weights(tmp_path / "straight"), _weights(out)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_model_path(setup, tmp_path, capsys):
+    argv = _args(setup, tmp_path / "r", "--steps", "1")
+    argv[1] = str(tmp_path / "no-such-model")
+    code, err = _error(capsys, argv)
+    assert code == 2 and "model path not found" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "Q:1+2"}\n{"prompt": \n', "prompts.jsonl:2: not valid JSON"),
+    ('{"question": "Q:1+2"}\n', 'non-empty string "prompt"'),
+    ("\n", "holds no prompts"),
+])
+def test_malformed_prompts(setup, tmp_path, capsys, content, message):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text(content)
+    argv = _args(setup, tmp_path / "r", "--steps", "1")
+    argv[argv.index("--prompts") + 1] = str(bad)
+    code, err = _error(capsys, argv)
+    assert code == 2 and message in err
+
+
+def test_tokenizers_differ(setup, tmp_path, capsys):
+    other = build_char_tokenizer("0123456789abcdef")
+    save_model_dir(str(tmp_path / "other"), tiny_llama(other, 16, 1, 2, 64), other)
+    argv = _args(setup, tmp_path / "r", "--steps", "1")
+    argv[argv.index("--teacher") + 1] = str(tmp_path / "other")
+    code, err = _error(capsys, argv)
+    assert code == 2 and "tokenizers differ" in err
+
+
+def test_objective_the_models_cannot_support(setup, tmp_path, capsys):
+    code, err = _error(capsys, _args(setup, tmp_path / "r", "--steps", "1", "--k", "64"))
+    assert code == 2 and "share only 22 ids" in err
+
+
+def test_command_line_exit_code(tmp_path):
+    """The real entry point: a clear message on stderr and a non-zero exit status."""
+    proc = subprocess.run([sys.executable, "-m", "opd_train", "--student", str(tmp_path / "nope"),
+                           "--teacher", str(tmp_path / "nope"), "--prompts", str(tmp_path / "x.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --prompts: file not found")
