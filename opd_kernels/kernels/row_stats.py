@@ -18,12 +18,15 @@ Then
 running maxima, so rows of logits near +-1e4 lose nothing to cancellation (the uncentered
 sum p x would be ~1e4 and H or KL its small difference with lse).
 
-When a block raises a max from m to m', every old term e^{x - m} d picks up the factor
+When a max moves from m to m', every old term e^{x - m} d picks up the factor
 alpha = e^{m - m'} and its centered value shifts by the constant m - m':
     s <- alpha s,   c <- alpha (c + s (m - m')),
     a <- alpha_s (a + s_s ((m_s - m_s') - (m_t - m_t')))
-(``_moved``). The same rule merges the splits' partial states in a fixed order in
-``row_stats_finalize_kernel`` (deterministic: no atomics, no locks).
+(``_moved``). Each lane of the block keeps its own state over the loop (``_lane_step``: one
+new value a step, so alpha and e^{x - m'} come from the one exp e^{-|x - m|}), and no
+reduction runs inside the loop: the lanes are folded once at the end (``_reduce_state``), and
+the splits' states are folded the same way in ``row_stats_finalize_kernel`` (deterministic:
+no atomics, no locks).
 
 Every 0 * inf is guarded: lanes with e^{x - m} = 0 (z = -inf, or outside the vocabulary) add
 nothing; a max still at -inf is replaced by 0 as the reference so no -inf - (-inf) appears.
@@ -81,29 +84,40 @@ def _max_shift(m_old, m_new):
 
 
 @triton.jit
-def _merge_state(m_s, s_s, c_s, m_t, s_t, c_t, a,
-                 m_s2, s_s2, c_s2, m_t2, s_t2, c_t2, a2, WITH_STATS: tl.constexpr,
-                 HAS_TEACHER: tl.constexpr):
-    """Two partial states of the same row (e.g. two vocabulary splits) -> one."""
-    m_s_new = tl.maximum(m_s, m_s2)
-    ref_s = _reference_max(m_s_new)
-    alpha_s, alpha_s2 = tl.exp(m_s - ref_s), tl.exp(m_s2 - ref_s)
-    shift_s, shift_s2 = _max_shift(m_s, m_s_new), _max_shift(m_s2, m_s_new)
+def _lane_step(x, m):
+    """One new value x per lane into a lane's running (m, s): with one exp, e^{-|x - m|}.
+    Returns the new max, the factor alpha on the old terms, e^{x - m_new}, the max shift
+    m_old - m_new, and the centered value x - m_new (-inf where x = -inf)."""
+    grow = x > m
+    d = tl.where(grow, m - x, x - m)
+    t = tl.exp(tl.where(x == float("-inf"), float("-inf"), d))
+    alpha = tl.where(grow, t, 1.0)
+    e = tl.where(grow, 1.0, t)
+    shift = tl.where(grow, d, 0.0)
+    centered = tl.where(grow, 0.0, tl.where(x == float("-inf"), float("-inf"), d))
+    return tl.maximum(m, x), alpha, e, shift, centered
+
+
+@triton.jit
+def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, WITH_STATS: tl.constexpr,
+                  HAS_TEACHER: tl.constexpr):
+    """Partial states held along axis 0 (lanes of a block, or splits of a row) -> one state."""
+    max_s = tl.max(m_s, axis=0)
+    alpha_s = tl.exp(m_s - _reference_max(max_s))
+    shift_s = _max_shift(m_s, max_s)
     if WITH_STATS:
-        c_s = _moved(c_s, alpha_s, s_s, shift_s) + _moved(c_s2, alpha_s2, s_s2, shift_s2)
+        c_s = tl.sum(_moved(c_s, alpha_s, s_s, shift_s), axis=0)
     if HAS_TEACHER:
-        m_t_new = tl.maximum(m_t, m_t2)
-        ref_t = _reference_max(m_t_new)
-        alpha_t, alpha_t2 = tl.exp(m_t - ref_t), tl.exp(m_t2 - ref_t)
-        shift_t, shift_t2 = _max_shift(m_t, m_t_new), _max_shift(m_t2, m_t_new)
-        a = (_moved(a, alpha_s, s_s, shift_s - shift_t)
-             + _moved(a2, alpha_s2, s_s2, shift_s2 - shift_t2))
+        max_t = tl.max(m_t, axis=0)
+        alpha_t = tl.exp(m_t - _reference_max(max_t))
+        shift_t = _max_shift(m_t, max_t)
+        a = tl.sum(_moved(a, alpha_s, s_s, shift_s - shift_t), axis=0)
         if WITH_STATS:
-            c_t = _moved(c_t, alpha_t, s_t, shift_t) + _moved(c_t2, alpha_t2, s_t2, shift_t2)
-        s_t = s_t * alpha_t + s_t2 * alpha_t2
-        m_t = m_t_new
-    s_s = s_s * alpha_s + s_s2 * alpha_s2
-    return m_s_new, s_s, c_s, m_t, s_t, c_t, a
+            c_t = tl.sum(_moved(c_t, alpha_t, s_t, shift_t), axis=0)
+        s_t = tl.sum(s_t * alpha_t, axis=0)
+        m_t = max_t
+    s_s = tl.sum(s_s * alpha_s, axis=0)
+    return max_s, s_s, c_s, m_t, s_t, c_t, a
 
 
 @triton.heuristics({
@@ -129,47 +143,33 @@ def row_stats_partial_kernel(
         block_end = tl.where(tl.load(mask_ptr + row) != 0, block_end, block_begin)
     student_row = student_ptr + row.to(tl.int64) * stride_s
 
-    m_s = float("-inf")
-    s_s = 0.0
-    c_s = 0.0
-    m_t = float("-inf")
-    s_t = 0.0
-    c_t = 0.0
-    a = 0.0
+    # Per-lane running states: no reduction inside the loop, one exp an element and model.
+    m_s = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_s = tl.zeros([BLOCK_V], tl.float32)
+    c_s = tl.zeros([BLOCK_V], tl.float32)
+    m_t = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_t = tl.zeros([BLOCK_V], tl.float32)
+    c_t = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)
     keys_s = no_keys(K_PAD)
     keys_t = no_keys(K_PAD)
     for block in range(block_begin, block_end):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         in_vocab = offs < n_vocab
         z_s = tl.load(student_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        x_s = z_s * inv_tau
-        m_s_new = tl.maximum(m_s, tl.max(x_s))
-        ref_s = _reference_max(m_s_new)
-        alpha_s = tl.exp(m_s - ref_s)
-        shift_s = _max_shift(m_s, m_s_new)
-        d_s = x_s - ref_s
-        e_s = tl.exp(d_s)
-        live_s = e_s > 0
+        m_s_new, alpha_s, e_s, shift_s, d_s = _lane_step(z_s * inv_tau, m_s)
         if WITH_STATS:
-            c_s = _moved(c_s, alpha_s, s_s, shift_s) + tl.sum(tl.where(live_s, e_s * d_s, 0.0))
+            c_s = _moved(c_s, alpha_s, s_s, shift_s) + tl.where(e_s > 0, e_s * d_s, 0.0)
         if HAS_TEACHER:
             z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
                           other=float("-inf")).to(tl.float32)
-            x_t = z_t * inv_tau
-            m_t_new = tl.maximum(m_t, tl.max(x_t))
-            ref_t = _reference_max(m_t_new)
-            alpha_t = tl.exp(m_t - ref_t)
-            shift_t = _max_shift(m_t, m_t_new)
-            d_t = x_t - ref_t
-            e_t = tl.exp(d_t)
+            m_t, alpha_t, e_t, shift_t, d_t = _lane_step(z_t * inv_tau, m_t)
             a = (_moved(a, alpha_s, s_s, shift_s - shift_t)
-                 + tl.sum(tl.where(live_s, e_s * (d_s - d_t), 0.0)))
+                 + tl.where(e_s > 0, e_s * (d_s - d_t), 0.0))
             if WITH_STATS:
-                c_t = (_moved(c_t, alpha_t, s_t, shift_t)
-                       + tl.sum(tl.where(e_t > 0, e_t * d_t, 0.0)))
-            s_t = s_t * alpha_t + tl.sum(e_t)
-            m_t = m_t_new
-        s_s = s_s * alpha_s + tl.sum(e_s)
+                c_t = _moved(c_t, alpha_t, s_t, shift_t) + tl.where(e_t > 0, e_t * d_t, 0.0)
+            s_t = s_t * alpha_t + e_t
+        s_s = s_s * alpha_s + e_s
         m_s = m_s_new
         if WITH_TOPK:
             # Only keys that enter the running top-k cost work: for a peaked row a few in the
@@ -178,14 +178,19 @@ def row_stats_partial_kernel(
             if WITH_STATS:
                 keys_t = insert_topk(keys_t, tl.where(in_vocab, pack_keys(z_t, offs), MIN_KEY))
 
+    m_s, s_s, c_s, m_t, s_t, c_t, a = _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, WITH_STATS,
+                                                     HAS_TEACHER)
+    # Fields a pass does not compute stay unwritten; the finalize kernel does not read them.
     state = state_ptr + slot * NUM_STATE
     tl.store(state + 0, m_s)
     tl.store(state + 1, s_s)
-    tl.store(state + 2, c_s)
-    tl.store(state + 3, m_t)
-    tl.store(state + 4, s_t)
-    tl.store(state + 5, c_t)
-    tl.store(state + 6, a)
+    if WITH_STATS:
+        tl.store(state + 2, c_s)
+        tl.store(state + 5, c_t)
+    if HAS_TEACHER:
+        tl.store(state + 3, m_t)
+        tl.store(state + 4, s_t)
+        tl.store(state + 6, a)
     if WITH_TOPK:
         offs_k = tl.arange(0, K_PAD)
         tl.store(keys_ptr + (slot * 2) * K_PAD + offs_k, keys_s)
@@ -241,7 +246,7 @@ def _overlap_stats(keys_s, keys_t, m_s, log_s_s, m_t, log_s_t, k, inv_tau, K_PAD
 def row_stats_finalize_kernel(
     state_ptr, keys_ptr, student_ptr, teacher_ptr, tokens_ptr, mask_ptr, out_ptr, top_ids_ptr,
     n_rows, n_splits, stride_s, stride_t, inv_tau, k,
-    K_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TOKENS: tl.constexpr,
     WITH_TOPK: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
@@ -252,25 +257,21 @@ def row_stats_finalize_kernel(
     out = out_ptr + row
     offs_k = tl.arange(0, K_PAD)
     if counted:
-        state = state_ptr + row.to(tl.int64) * n_splits * NUM_STATE
-        m_s = tl.load(state + 0)
-        s_s = tl.load(state + 1)
-        c_s = tl.load(state + 2)
-        m_t = tl.load(state + 3)
-        s_t = tl.load(state + 4)
-        c_t = tl.load(state + 5)
-        a = tl.load(state + 6)
+        splits = tl.arange(0, SPLITS_PAD)
+        state = state_ptr + (row.to(tl.int64) * n_splits + splits) * NUM_STATE
+        real = splits < n_splits
+        m_s, s_s, c_s, m_t, s_t, c_t, a = _reduce_state(
+            tl.load(state + 0, mask=real, other=float("-inf")),
+            tl.load(state + 1, mask=real, other=0.0), tl.load(state + 2, mask=real, other=0.0),
+            tl.load(state + 3, mask=real, other=float("-inf")),
+            tl.load(state + 4, mask=real, other=0.0), tl.load(state + 5, mask=real, other=0.0),
+            tl.load(state + 6, mask=real, other=0.0), WITH_STATS, HAS_TEACHER)
         if WITH_TOPK:
             keys = keys_ptr + row.to(tl.int64) * n_splits * 2 * K_PAD
             keys_s = tl.load(keys + offs_k)
         if WITH_STATS:
             keys_t = tl.load(keys + K_PAD + offs_k)
         for split in range(1, n_splits):
-            state = state + NUM_STATE
-            m_s, s_s, c_s, m_t, s_t, c_t, a = _merge_state(
-                m_s, s_s, c_s, m_t, s_t, c_t, a,
-                tl.load(state + 0), tl.load(state + 1), tl.load(state + 2), tl.load(state + 3),
-                tl.load(state + 4), tl.load(state + 5), tl.load(state + 6), WITH_STATS, HAS_TEACHER)
             if WITH_TOPK:
                 keys_s = insert_topk(keys_s, _real_keys(tl.load(keys + split * 2 * K_PAD + offs_k),
                                                         K_PAD))
@@ -323,7 +324,7 @@ def row_stats_finalize_kernel(
                      mask=offs_k < k)
 
 
-def _partial_spec(dtype, label, teacher=True, mask=False, k_pad=0, block_v=4096, num_warps=8):
+def _partial_spec(dtype, label, teacher=True, mask=False, k_pad=0, block_v=2048, num_warps=8):
     ptr = f"*{dtype}"
     signature = {"student_ptr": ptr, "teacher_ptr": ptr if teacher else "constexpr",
                  "mask_ptr": "*i1" if mask else "constexpr", "state_ptr": "*fp32",
@@ -349,10 +350,10 @@ def _finalize_spec(dtype, label, teacher=True, mask=False, tokens=False, k_pad=0
                  "mask_ptr": "*i1" if mask else "constexpr", "out_ptr": "*fp32",
                  "top_ids_ptr": "*i64" if k_pad else "constexpr",
                  "n_rows": "i32", "n_splits": "i32", "stride_s": "i32", "stride_t": "i32",
-                 "inv_tau": "fp32", "k": "i32",
+                 "inv_tau": "fp32", "k": "i32", "SPLITS_PAD": "constexpr",
                  "K_PAD": "constexpr", "HAS_TEACHER": "constexpr", "HAS_MASK": "constexpr",
                  "HAS_TOKENS": "constexpr", "WITH_TOPK": "constexpr", "WITH_STATS": "constexpr"}
-    constexprs = {"K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher, "HAS_MASK": mask,
+    constexprs = {"SPLITS_PAD": 8, "K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher, "HAS_MASK": mask,
                   "HAS_TOKENS": tokens, "WITH_TOPK": bool(k_pad),
                   "WITH_STATS": teacher and bool(k_pad)}
     for name, present in (("keys_ptr", k_pad), ("teacher_ptr", teacher), ("tokens_ptr", tokens),
@@ -369,11 +370,11 @@ AOT_SPECS = [
     # reverse KL (full objective), sampled objective
     *(_partial_spec(dt, f"{dt},kl", mask=True) for dt in ("fp32", "bf16", "fp16")),
     # topk objective without statistics: the student's selection only
-    _partial_spec("bf16", "bf16,top16", teacher=False, mask=True, k_pad=16, block_v=2048),
+    _partial_spec("bf16", "bf16,top16", teacher=False, mask=True, k_pad=16),
     # statistics (+ KL) from the same pass
-    _partial_spec("bf16", "bf16,kl,stats,top16", mask=True, k_pad=16, block_v=2048),
-    _partial_spec("bf16", "bf16,kl,stats,top64", mask=True, k_pad=64, block_v=2048),
-    _partial_spec("fp32", "fp32,kl,stats,top1", k_pad=1, block_v=2048),
+    _partial_spec("bf16", "bf16,kl,stats,top16", mask=True, k_pad=16),
+    _partial_spec("bf16", "bf16,kl,stats,top64", mask=True, k_pad=64),
+    _partial_spec("fp32", "fp32,kl,stats,top1", k_pad=1),
     _finalize_spec("bf16", "bf16,lse,tokens", teacher=False, tokens=True),
     _finalize_spec("bf16", "bf16,kl,tokens,mask", mask=True, tokens=True),
     _finalize_spec("bf16", "bf16,top16,mask", teacher=False, mask=True, k_pad=16),

@@ -28,11 +28,12 @@ from opd_kernels.kernels.logits_grad import reverse_kl_grad_kernel, softmax_grad
 from opd_kernels.kernels.row_stats import row_stats_finalize_kernel, row_stats_partial_kernel
 from opd_kernels.stats import TopKStats
 
-# One vocabulary block per loop iteration: 4096 elements (8 KB of bf16) for 8 warps, 16 a
-# thread, enough bytes in flight to stream at HBM speed. A pass that keeps both running top-k
-# lists holds more per element: at 4096 it needs 217 registers a thread on sm_90, at 2048 128.
-_MAX_BLOCK_V = 4096
-_MAX_BLOCK_V_TOPK = 2048
+# Vocabulary block widths, for 8 warps. Forward: every lane keeps its own running state
+# (5 fp32 values for a pair, 7 with statistics), so 2048 lanes, 8 a thread, keep the KL pass
+# at 87 registers on sm_90 (4096 would need 183). Backward: no state, one block a program,
+# 4096 elements (8 KB of bf16 a model) for enough bytes in flight.
+_FORWARD_BLOCK_V = 2048
+_BACKWARD_BLOCK_V = 4096
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_v(vocab: int, k_pad: int = 0) -> int:
-    cap = _MAX_BLOCK_V_TOPK if k_pad else _MAX_BLOCK_V
+def _block_v(vocab: int, cap: int, k_pad: int = 0) -> int:
     return max(min(triton.next_power_of_2(vocab), cap), k_pad, 16)
 
 
@@ -79,7 +79,7 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
     mask = None if mask is None else mask.contiguous()
     tokens = None if tokens is None else tokens.contiguous()
     k_pad = triton.next_power_of_2(k) if k else 0
-    block_v = _block_v(vocab, k_pad)
+    block_v = _block_v(vocab, _FORWARD_BLOCK_V, k_pad)
     n_blocks = triton.cdiv(vocab, block_v)
     splits = vocab_splits(n, n_blocks, student.device)
     blocks_per_split = triton.cdiv(n_blocks, splits)
@@ -93,7 +93,8 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
         inv_tau, BLOCK_V=block_v, K_PAD=max(k_pad, 1), num_warps=_num_warps(block_v))
     row_stats_finalize_kernel[(n,)](
         state, keys, student, teacher, tokens, mask, fields, top_ids, n, splits,
-        student.stride(0), stride_t, inv_tau, k, K_PAD=max(k_pad, 1), num_warps=4)
+        student.stride(0), stride_t, inv_tau, k, SPLITS_PAD=triton.next_power_of_2(splits),
+        K_PAD=max(k_pad, 1), num_warps=4)
     return RowPass(fields, top_ids)
 
 
@@ -109,7 +110,7 @@ def _softmax_grad(logits, lse_parts, coef_p, coef_y=None, tokens=None, mask=None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if n == 0:
         return grad
-    block_v = _block_v(vocab)
+    block_v = _block_v(vocab, _BACKWARD_BLOCK_V)
     softmax_grad_kernel[_grid(n, vocab, block_v)](
         logits, grad, *lse_parts, coef_p, coef_y, tokens, mask, vocab, logits.stride(0),
         grad.stride(0), 1.0 / temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
@@ -172,7 +173,7 @@ class _ReverseKL(torch.autograd.Function):
         grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
         if n == 0:
             return grad_student, None, None, None, None
-        block_v = _block_v(vocab)
+        block_v = _block_v(vocab, _BACKWARD_BLOCK_V)
         reverse_kl_grad_kernel[_grid(n, vocab, block_v)](
             student, teacher, grad_student, max_s, logsum_s, max_t, logsum_t, kl, coef, mask,
             vocab, student.stride(0), teacher.stride(0), grad_student.stride(0),
