@@ -182,17 +182,31 @@ def test_reverse_kl_huge_logits():
            lambda x: reference.reverse_kl(x, t.to(x.dtype), 0.5), s)
 
 
-def test_reverse_kl_fp16_no_worse_than_torch():
+def _check_fp16(ours, ref, x):
+    """fp16 input: errors against float64 no worse than PyTorch's own fp16 computation's plus
+    1e-3 of the reference's magnitude; the gradient comes back in fp16."""
+    value, grad = _grad(ours, x)
+    ref_value, ref_grad = _grad(ref, x.double())
+    torch_value, torch_grad = _grad(ref, x)
+    assert grad.dtype == torch.float16
+    for got, want, low in ((value, ref_value, torch_value), (grad, ref_grad, torch_grad)):
+        ours_err = (got.double() - want).abs().max()
+        torch_err = (low.double() - want).abs().max()
+        assert ours_err <= torch_err + 1e-3 * want.abs().max(), (ours_err, torch_err)
+
+
+def test_fp16_no_worse_than_torch():
     s = _logits(4, 1000, seed=13, dtype=torch.float16)
     t = _logits(4, 1000, seed=14, dtype=torch.float16)
-    value, grad = _grad(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON), s)
-    ref_value, ref_grad = _grad(lambda x: reference.reverse_kl(x, t.double()), s.double())
-    torch_value, torch_grad = _grad(lambda x: reference.reverse_kl(x, t), s)
-    assert grad.dtype == torch.float16
-    for ours, ref, low in ((value, ref_value, torch_value), (grad, ref_grad, torch_grad)):
-        ours_err = (ours.double() - ref).abs().max()
-        torch_err = (low.double() - ref).abs().max()
-        assert ours_err <= torch_err + 1e-3 * ref.abs().max(), (ours_err, torch_err)
+    tokens = torch.tensor([0, 5, 999, 500])
+    _check_fp16(lambda x: opd_kernels.logsumexp(x, **TRITON), reference.logsumexp, s)
+    _check_fp16(lambda x: opd_kernels.token_logprobs(x, tokens, **TRITON),
+                lambda x: reference.token_logprobs(x, tokens), s)
+    for objective in ("full", "sampled", "topk"):
+        _check_fp16(lambda x: opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens,
+                                                   reduction="none", **TRITON),
+                    lambda x: reference.per_position_loss(x, t.to(x.dtype), objective, tokens),
+                    s)
 
 
 # ---- top-k statistics --------------------------------------------------------------------------

@@ -10,7 +10,9 @@ vocabulary blocks of one row once (both models when a teacher is given) and keep
     c = sum_v e^{x_v - m} (x_v - m)                                         (WITH_STATS)
 and, with a teacher,
     a = sum_v e^{xs_v - m_s} ((xs_v - m_s) - (xt_v - m_t))
-plus the running top-K_PAD packed keys (WITH_TOPK, see topk_select) of the raw logits z.
+plus the running top-K_PAD packed keys of the raw logits z (WITH_TOPK; ``insert_topk`` of
+topk_select: a block costs one max and one min reduction unless some of its keys enter, and a
+tie goes to the lower id, as in the reference's stable sort).
 Then
     H(p)       = -sum p log p = log s - c / s
     KL(p || q) = sum p (log p - log q) = a / s_s - log s_s + log s_t
@@ -34,8 +36,8 @@ A teacher -inf where the student has mass makes a = +inf, hence KL = +inf (as th
 
 ``row_stats_finalize_kernel``, grid (rows,): merges the splits and writes, field-major into
 out[FIELD, row]: lse (and its parts m, log s) of both models, KL, the token log-probs x_y - lse
-(HAS_TOKENS), both entropies and the
-top-k statistics (WITH_STATS), and the student's top-k ids (WITH_TOPK). Statistics from the
+(HAS_TOKENS), both entropies and the top-k statistics (WITH_STATS), and the student's top-k
+ids (WITH_TOPK, sorted: the splits' lists are inserted into the first). Statistics from the
 packed keys (exact fp32 logits with their ids), S = student top k, T = teacher top k:
     overlap = |S ∩ T| / k, m_p = sum_{S∩T} p, m_q = sum_{S∩T} q,
     A = (1/|S∩T|) sum_{S∩T} p̄ (log q̄ - log p̄), log p̄ = log p - log m_p (NaN if S∩T empty),
