@@ -4,7 +4,6 @@ Values and gradients w.r.t. the student's hidden states and weight: fp32 to ~1e-
 fp16 no worse than PyTorch's own fp16 computation plus a small tolerance (the interpreter's
 tl.dot is wrong on bf16, so bf16 is left to the GPU).
 """
-import interpreter_compat  # noqa: F401  (must precede the first launch)
 import pytest
 import torch
 

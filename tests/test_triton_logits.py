@@ -4,7 +4,6 @@ within twice PyTorch's own fp32 error where that is larger (a peaked row's gradi
 difference of O(x) terms, so fp32 itself cannot do 1e-5 of it); fp16 no worse than PyTorch's
 own fp16 computation plus a small tolerance.
 Runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py); shapes stay small."""
-import interpreter_compat  # noqa: F401  (must precede the first launch)
 import pytest
 import torch
 

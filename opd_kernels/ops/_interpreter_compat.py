@@ -3,7 +3,8 @@
 The interpreter holds every scalar as a one-element array and converts loop bounds with
 ``int(array)``, which NumPy 2.4 rejects for arrays with ndim > 0 ("only 0-dimensional arrays can
 be converted to Python scalars"), so ``for i in range(0, n, BLOCK)`` with a runtime ``n`` fails.
-This re-registers ``__index__`` to read the single element instead. Import before launching.
+This re-registers ``__index__`` to read the single element instead; the Triton backend imports
+it, so ``backend="triton"`` on CPU tensors works for users as it does in the tests.
 """
 import os
 
