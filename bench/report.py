@@ -200,7 +200,7 @@ def write_png(payload: dict, path: str) -> bool:
         ax.axis("off")
     meta = payload["meta"]
     fig.suptitle(f"{meta['device']}, {model}, {meta['dtype']}, commit {meta['commit']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
