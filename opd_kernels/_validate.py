@@ -87,11 +87,14 @@ def tokens(t, lead: torch.Size, vocab: int, device: torch.device,
     return t.long()
 
 
-def k(value, vocab: int) -> int:
+def k(value, vocab: int, backend_limit: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"k must be an int, got {value!r}")
     if not 1 <= value <= vocab:
         raise ValueError(f"k must satisfy 1 <= k <= V = {vocab}, got k={value}")
+    if value > backend_limit:
+        raise ValueError(f"k must be <= {backend_limit} on the Triton backend, got k={value} "
+                         f"(backend='torch' takes any k <= V)")
     return value
 
 

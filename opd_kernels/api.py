@@ -78,9 +78,9 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     check.logits_pair(student_logits, teacher_logits)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     mask = check.mask(mask, lead, student_logits.device)
-    k = check.k(k, vocab)
     tau = check.temperature(temperature)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "logits", student_logits, teacher_logits)
+    k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
     stats = ops.topk_overlap(_rows(student_logits, vocab), _rows(teacher_logits, vocab), k, _rows(mask), tau)
     return _shaped_stats(stats, lead, mask)
 
@@ -103,11 +103,11 @@ def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, obje
     check.objective(objective, tokens is not None)
     if tokens is not None:
         tokens = check.tokens(tokens, lead, vocab, device, mask)
-    if objective == "topk" or return_stats:  # k means nothing to the other objectives
-        k = check.k(k, vocab)
     tau = check.temperature(temperature)
     check.choice("reduction", reduction, check.REDUCTIONS)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "logits", student_logits, teacher_logits)
+    if objective == "topk" or return_stats:  # k means nothing to the other objectives
+        k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
     per_row, stats = ops.opd_loss(_rows(student_logits, vocab), _rows(teacher_logits, vocab), objective,
                                   _rows(tokens), k, _rows(mask), tau, bool(return_stats))
     loss = reduce(per_row.reshape(lead), mask, reduction)
@@ -184,10 +184,10 @@ def fused_linear_topk_overlap(student_hidden: torch.Tensor, student_weight: torc
     vocab = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, vocab_size)
     lead = student_hidden.shape[:-1]
     mask = check.mask(mask, lead, student_hidden.device)
-    k = check.k(k, vocab)
     tau = check.temperature(temperature)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
+    k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
     stats = ops.fused_linear_topk_overlap(
         _rows(student_hidden, student_hidden.shape[-1]), student_weight,
         _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, k, _rows(mask), tau, vocab)
@@ -215,13 +215,13 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     check.objective(objective, tokens is not None)
     if tokens is not None:
         tokens = check.tokens(tokens, lead, vocab, device, mask)
-    if objective == "topk" or return_stats:  # k means nothing to the other objectives
-        k = check.k(k, vocab)
     tau = check.temperature(temperature)
     check.choice("reduction", reduction, check.REDUCTIONS)
     weight_grad_dtype = check.weight_grad_dtype(weight_grad_dtype)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
+    if objective == "topk" or return_stats:  # k means nothing to the other objectives
+        k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
     per_row, stats = ops.fused_linear_opd_loss(
         _rows(student_hidden, student_hidden.shape[-1]), student_weight,
         _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, objective, _rows(tokens), k,

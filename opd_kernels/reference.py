@@ -90,7 +90,7 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     # Renormalized over S ∩ T: log p̄ = log p - log m_p, log q̄ = log q - log m_q.
     log_p_bar = log_p_s - student_mass.log().unsqueeze(-1)
     log_q_bar = log_q_s - teacher_mass.log().unsqueeze(-1)
-    terms = torch.where(shared, log_p_bar.exp() * (log_q_bar - log_p_bar), zero).sum(-1)
+    terms = torch.where(shared, -_plogp_terms(log_p_bar, log_q_bar), zero).sum(-1)  # 0 where p̄ = 0
     advantage = torch.where(n_shared > 0, terms / n_shared.clamp(min=1),
                             torch.full_like(terms, float("nan")))
     h_p, h_q = _entropy(log_p), _entropy(log_q)

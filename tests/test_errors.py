@@ -61,3 +61,13 @@ def test_uncounted_positions_may_hold_any_token_id():
 def test_triton_rejects_float64():
     with pytest.raises(TypeError, match="backend='torch' for float64"):
         O.reverse_kl(zs.double(), zt.double(), backend="triton")
+
+
+def test_triton_names_its_k_limit():
+    wide_s, wide_t = torch.randn(2, 100), torch.randn(2, 100)
+    with pytest.raises(ValueError, match="k must be <= 64 on the Triton backend"):
+        O.topk_overlap(wide_s, wide_t, k=65, backend="triton")
+    with pytest.raises(ValueError, match="k must be <= 64 on the Triton backend"):
+        O.fused_linear_opd_loss(torch.randn(2, 4), torch.randn(100, 4), torch.randn(2, 4),
+                                torch.randn(100, 4), k=65, backend="triton")
+    assert O.topk_overlap(wide_s, wide_t, k=65, backend="torch").overlap.shape == (2,)

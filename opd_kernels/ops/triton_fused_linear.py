@@ -44,6 +44,9 @@ SCRATCH_BYTES = 256 * 2**20
 # dW += dU^T h runs over vocabulary slices so that the GEMM's temporary stays small
 _WEIGHT_GRAD_SLICE = 16384
 
+# The largest k the running top-k keeps on-chip (the public layer checks it).
+MAX_K = 64
+
 
 @dataclass(frozen=True)
 class _Tiles:

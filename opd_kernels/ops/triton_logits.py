@@ -35,6 +35,9 @@ from opd_kernels.stats import TopKStats
 _FORWARD_BLOCK_V = 2048
 _BACKWARD_BLOCK_V = 4096
 
+# The largest k the running top-k keeps on-chip (the public layer checks it).
+MAX_K = 64
+
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Any row stride works; the vocabulary axis must be contiguous."""
