@@ -1,6 +1,7 @@
 """The benchmark harness on the CPU: a tiny run end to end, OOM as a result, absent peers,
 the baselines against the reference, the roofline floors and the goal verdicts."""
 import json
+import sys
 
 import pytest
 import torch
@@ -71,6 +72,7 @@ def test_absent_and_unusable_peers_are_listed(monkeypatch, tmp_path):
     (tmp_path / "liger_kernel").mkdir()
     (tmp_path / "liger_kernel" / "__init__.py").write_text("raise ImportError('needs CUDA')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "liger_kernel", raising=False)
     assert peer_status("liger_kernel").startswith("unusable: ImportError: needs CUDA")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     assert peer_status("cut_cross_entropy") == "absent"
