@@ -142,3 +142,9 @@ def weight_grad_dtype(dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"weight_grad_dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -154,25 +154,14 @@ def fused_linear_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.
                             mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
                             reduction: str = "mean", vocab_size: Optional[int] = None,
                             weight_grad_dtype: torch.dtype = torch.float32,
-                            backend: str = "auto") -> torch.Tensor:
-    """reverse_kl on the logits h W^T of both models, which are never materialized.
-
-    ``vocab_size=K`` compares the first K ids when the two lm_heads are padded differently.
-    ``weight_grad_dtype`` is the dtype the student weight's gradient is summed in (fp32 default).
-    """
-    vocab = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, vocab_size)
-    lead = student_hidden.shape[:-1]
-    mask = check.mask(mask, lead, student_hidden.device)
-    tau = check.temperature(temperature)
-    check.choice("reduction", reduction, check.REDUCTIONS)
-    weight_grad_dtype = check.weight_grad_dtype(weight_grad_dtype)
-    ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
-                  student_hidden, student_weight, teacher_hidden, teacher_weight)
-    per_row, _ = ops.fused_linear_opd_loss(
-        _rows(student_hidden, student_hidden.shape[-1]), student_weight,
-        _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, "full", None, 1, _rows(mask),
-        tau, False, vocab, weight_grad_dtype)
-    return reduce(per_row.reshape(lead), mask, reduction)
+                            grad_in_forward: bool = True, backend: str = "auto") -> torch.Tensor:
+    """reverse_kl on the logits h W^T of both models, which are never materialized: the "full"
+    objective of :func:`fused_linear_opd_loss`, whose docstring explains the options."""
+    return fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                 objective="full", mask=mask, temperature=temperature,
+                                 reduction=reduction, vocab_size=vocab_size,
+                                 weight_grad_dtype=weight_grad_dtype,
+                                 grad_in_forward=grad_in_forward, backend=backend)
 
 
 def fused_linear_topk_overlap(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -200,13 +189,22 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           reduction: str = "mean", return_stats: bool = False,
                           vocab_size: Optional[int] = None,
-                          weight_grad_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                          weight_grad_dtype: torch.dtype = torch.float32,
+                          grad_in_forward: bool = True, backend: str = "auto"):
     """opd_loss on hidden states and lm_head weights: logits exist only as on-chip tiles.
 
     Each objective does only the work it needs: "topk" evaluates the teacher at the student's k
     ids alone (no teacher lm_head product) unless ``return_stats`` asks for the teacher's own
     top-k; "sampled" needs the teacher's lse and one logit; "full" both full products.
     Gradients reach ``student_hidden`` and ``student_weight`` (where they require grad).
+
+    ``vocab_size=K`` compares the first K ids when the two lm_heads are padded differently.
+    ``weight_grad_dtype``: the dtype the student weight's gradient is summed in (fp32 default).
+    ``grad_in_forward``: with reduction "mean" or "sum" the loss is a scalar, so its gradient is
+    known up to one factor during the forward; a backend that can (Triton) then computes the
+    student's gradients in the forward pass over a bounded scratch instead of recomputing the
+    logits in the backward (fewer FLOPs; the weight gradient is held until the backward).
+    False forces recomputation. No effect with reduction "none" or on the PyTorch path.
     """
     vocab = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, vocab_size)
     lead = student_hidden.shape[:-1]
@@ -222,9 +220,13 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
     if objective == "topk" or return_stats:  # k means nothing to the other objectives
         k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
-    per_row, stats = ops.fused_linear_opd_loss(
-        _rows(student_hidden, student_hidden.shape[-1]), student_weight,
-        _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, objective, _rows(tokens), k,
-        _rows(mask), tau, bool(return_stats), vocab, weight_grad_dtype)
-    loss = reduce(per_row.reshape(lead), mask, reduction)
+    args = (_rows(student_hidden, student_hidden.shape[-1]), student_weight,
+            _rows(teacher_hidden, teacher_hidden.shape[-1]), teacher_weight, objective, _rows(tokens),
+            k, _rows(mask), tau, bool(return_stats), vocab, weight_grad_dtype)
+    if check.flag("grad_in_forward", grad_in_forward) and reduction != "none" \
+            and hasattr(ops, "fused_linear_opd_loss_reduced"):
+        loss, stats = ops.fused_linear_opd_loss_reduced(*args, reduction)
+    else:
+        per_row, stats = ops.fused_linear_opd_loss(*args)
+        loss = reduce(per_row.reshape(lead), mask, reduction)
     return (loss, _shaped_stats(stats, lead, mask)) if return_stats else loss

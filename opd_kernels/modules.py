@@ -21,11 +21,12 @@ class OPDLoss(nn.Module):
     def __init__(self, objective: str = "topk", k: int = 16, temperature: float = 1.0,
                  reduction: str = "mean", return_stats: bool = False,
                  vocab_size: Optional[int] = None, weight_grad_dtype: torch.dtype = torch.float32,
-                 backend: str = "auto"):
+                 grad_in_forward: bool = True, backend: str = "auto"):
         super().__init__()
         self.objective, self.k, self.temperature = objective, k, temperature
         self.reduction, self.return_stats, self.backend = reduction, return_stats, backend
         self.vocab_size, self.weight_grad_dtype = vocab_size, weight_grad_dtype
+        self.grad_in_forward = grad_in_forward
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, *,
                 tokens: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
@@ -44,7 +45,8 @@ class OPDLoss(nn.Module):
                              "neither (logits form)")
         return api.fused_linear_opd_loss(student, student_weight, teacher, teacher_weight,
                                          vocab_size=self.vocab_size,
-                                         weight_grad_dtype=self.weight_grad_dtype, **common)
+                                         weight_grad_dtype=self.weight_grad_dtype,
+                                         grad_in_forward=self.grad_in_forward, **common)
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, k={self.k}, temperature={self.temperature}, "
