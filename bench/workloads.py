@@ -72,8 +72,8 @@ def correlated_teacher(hidden, weight, teacher_hidden_size: int, randn):
     if extra < 0:
         raise ValueError("the teacher's hidden size must be at least the student's")
     teacher = torch.cat([hidden.detach(), randn(n, extra)], dim=1)
-    noise = randn(vocab, hs, scale=1.0 / math.sqrt(hs)).add_(weight.detach())
-    teacher_weight = torch.cat([noise, randn(vocab, extra, scale=1.0 / math.sqrt(max(extra, 1)))], dim=1)
+    shared_columns = randn(vocab, hs, scale=1.0 / math.sqrt(hs)).add_(weight.detach())
+    teacher_weight = torch.cat([shared_columns, randn(vocab, extra, scale=1.0 / math.sqrt(max(extra, 1)))], dim=1)
     return teacher, teacher_weight
 
 
