@@ -35,6 +35,16 @@ def _shaped_stats(stats: TopKStats, lead: torch.Size, mask: Optional[torch.Tenso
     return stats
 
 
+def _loss_arguments(lead, vocab, device, mask, objective, tokens, temperature, reduction):
+    """The checks every loss shares; returns the mask, the tokens as int64 and the temperature."""
+    mask = check.mask(mask, lead, device)
+    check.objective(objective, tokens is not None)
+    if tokens is not None:
+        tokens = check.tokens(tokens, lead, vocab, device, mask)
+    check.choice("reduction", reduction, check.REDUCTIONS)
+    return mask, tokens, check.temperature(temperature)
+
+
 # ---- logits form ---------------------------------------------------------------------------------
 
 def logsumexp(logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
@@ -98,13 +108,8 @@ def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, obje
     """
     check.logits_pair(student_logits, teacher_logits)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    device = student_logits.device
-    mask = check.mask(mask, lead, device)
-    check.objective(objective, tokens is not None)
-    if tokens is not None:
-        tokens = check.tokens(tokens, lead, vocab, device, mask)
-    tau = check.temperature(temperature)
-    check.choice("reduction", reduction, check.REDUCTIONS)
+    mask, tokens, tau = _loss_arguments(lead, vocab, student_logits.device, mask, objective, tokens,
+                                        temperature, reduction)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "logits", student_logits, teacher_logits)
     if objective == "topk" or return_stats:  # k means nothing to the other objectives
         k = check.k(k, vocab, getattr(ops, "MAX_K", vocab))
@@ -208,13 +213,8 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     """
     vocab = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, vocab_size)
     lead = student_hidden.shape[:-1]
-    device = student_hidden.device
-    mask = check.mask(mask, lead, device)
-    check.objective(objective, tokens is not None)
-    if tokens is not None:
-        tokens = check.tokens(tokens, lead, vocab, device, mask)
-    tau = check.temperature(temperature)
-    check.choice("reduction", reduction, check.REDUCTIONS)
+    mask, tokens, tau = _loss_arguments(lead, vocab, student_hidden.device, mask, objective, tokens,
+                                        temperature, reduction)
     weight_grad_dtype = check.weight_grad_dtype(weight_grad_dtype)
     ops = resolve(check.choice("backend", backend, check.BACKENDS), "fused_linear",
                   student_hidden, student_weight, teacher_hidden, teacher_weight)
