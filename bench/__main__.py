@@ -78,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         time_budget_s=budget_s,
         ceiling_copy_bytes=(64 << 20) if cpu else (2 << 30),
         ceiling_matmul_size=512 if cpu else 8192,
+        priority=frozenset(registry.preset("quick")) if preset == "full" else frozenset(),
     )
 
 

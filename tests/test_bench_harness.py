@@ -83,6 +83,17 @@ def test_absent_and_unusable_peers_are_listed(monkeypatch, tmp_path):
     assert "Peers: liger_kernel absent, cut_cross_entropy absent." in report.markdown(payload)
 
 
+def test_priority_cases_get_every_implementation_first(monkeypatch):
+    # The order is what is tested: an eager stand-in keeps inductor out of a quick test.
+    monkeypatch.setitem(IMPLS, "compile", Impl("compile", "pytorch", IMPLS["eager"].build))
+    first, second = Case("opd_topk", "fused", TINY, 4), Case("reverse_kl", "logits", TINY, 4)
+    payload = runner.run(tiny_config(("opd-torch", "compile"), cases=[second, first],
+                                     priority=frozenset([first])), log=lambda *_: None)
+    order = [(r["op"], r["impl"]) for r in payload["rows"]]
+    assert order == [("opd_topk", "opd-torch")] * 2 + [("opd_topk", "compile")] * 2 + \
+        [("reverse_kl", "opd-torch")] * 2 + [("reverse_kl", "compile")] * 2
+
+
 def test_time_budget_skips_instead_of_overrunning():
     payload = runner.run(tiny_config(("opd-torch",), time_budget_s=0.0), log=lambda *_: None)
     assert payload["rows"] and {r["status"] for r in payload["rows"]} == {"skipped: time budget"}
