@@ -29,11 +29,14 @@ def _over_chunks(fn: Callable, vocab: int, rows: list, shared: list = ()) -> lis
     """fn(*row_chunks, *shared) -> tuple of per-row tensors, concatenated over row chunks."""
     n = next(t for t in rows if t is not None).shape[0]
     step = max(1, CHUNK_BYTES // (4 * vocab))
+    n_chunks = max(1, -(-n // step))
+    # torch.split, not slicing: the backward of a slice fills a zero tensor of the whole input
+    # per chunk, the backward of a split concatenates the chunks' gradients once.
+    columns = [[None] * n_chunks if t is None else t.split(step) for t in rows]
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in [*rows, *shared])
     parts = []
-    for start in range(0, max(n, 1), step):
-        chunk = [None if t is None else t[start:start + step] for t in rows]
+    for chunk in zip(*columns):
         if differentiable:
             parts.append(checkpoint(fn, *chunk, *shared, use_reentrant=False))
         else:
