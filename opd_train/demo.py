@@ -37,7 +37,7 @@ class ModelSpec:
 class DemoSpec:
     digits: int = 3
     teacher: ModelSpec = ModelSpec(hidden_size=96, layers=3, heads=4, sft_steps=600, sft_batch=32, sft_lr=3e-3)
-    student: ModelSpec = ModelSpec(hidden_size=64, layers=2, heads=4, sft_steps=150, sft_batch=32, sft_lr=3e-3)
+    student: ModelSpec = ModelSpec(hidden_size=64, layers=2, heads=4, sft_steps=400, sft_batch=32, sft_lr=3e-3)
     sft_problems: int = 20000
     opd_problems: int = 4096
     cold_start_problems: int = 1024

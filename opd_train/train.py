@@ -111,6 +111,9 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd", dynamic_ncols=True)
         for step in bar:
             began = time.time()
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in optimizer.param_groups:  # a function of the step: nothing to resume
+                group["lr"] = lr
             idx = step_prompts(len(data.prompts), cfg.prompts_per_step, step, cfg.seed)
             idx = [i for i in idx for _ in range(cfg.rollouts_per_prompt)]
             batch, texts = generate(student, tokenizer, [data.prompts[i] for i in idx],
@@ -136,7 +139,7 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
                    **_cat_stats(stats).summary(),
                    "reward": float(np.mean(rewards)) if rewards else math.nan,
                    "grad_norm": grad_norm, "response_length": tokens / len(idx),
-                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(kl=f"{row['reverse_kl']:.3f}", overlap=f"{row['overlap']:.3f}",
