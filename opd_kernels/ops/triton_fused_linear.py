@@ -31,18 +31,20 @@ from typing import Optional
 import torch
 import triton
 
+from opd_kernels import reference
 from opd_kernels.kernels.fused_linear_grad import fused_linear_grad_logits_kernel
 from opd_kernels.kernels.fused_linear_kl import fused_linear_kl_kernel, fused_linear_kl_merge_kernel
 from opd_kernels.kernels.fused_linear_lse import fused_linear_lse_kernel, fused_linear_lse_merge_kernel
 from opd_kernels.kernels.fused_linear_topk import (fused_linear_gather_logits_kernel,
                                                    fused_linear_sparse_grad_kernel)
-from opd_kernels.stats import TopKStats
+from opd_kernels.kernels.logits_grad import reverse_kl_grad_kernel, softmax_grad_kernel
+from opd_kernels.ops.triton_logits import _BACKWARD_BLOCK_V, _block_v, _num_warps, row_pass
+from opd_kernels.ops.triton_logits import _stats as _logits_stats
+from opd_kernels.stats import STAT_FIELDS, TopKStats
 
 # The backward's one buffer: a token chunk of dL/du, [rows, K] in the input dtype. Larger chunks
 # make bigger GEMMs; the memory is the only cost. Read at each backward, so it can be changed.
 SCRATCH_BYTES = 256 * 2**20
-# dW += dU^T h runs over vocabulary slices so that the GEMM's temporary stays small
-_WEIGHT_GRAD_SLICE = 16384
 
 # The largest k the running top-k keeps on-chip (the public layer checks it).
 MAX_K = 64
@@ -224,25 +226,41 @@ class _DensePlan:
             if need_hidden:
                 torch.mm(g, weight[:k], out=grad_hidden[rows])
             if need_weight:
-                _accumulate_weight_grad(grad_weight, g, hidden[rows])
+                _accumulate_weight_grad(grad_weight[:k], g, hidden[rows])
         return grad_hidden, _finish_weight_grad(grad_weight, weight)
 
 
+def _logits_into(out, hidden, weight):
+    """out = hidden @ weight^T with one rounding, into the (fp32) scratch ``out``."""
+    if hidden.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    elif hidden.is_cuda:  # cuBLAS writes the bf16/fp16 GEMM's fp32 accumulator directly
+        torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
+    else:  # no mixed-dtype GEMM on the CPU
+        torch.mm(hidden.to(out.dtype), weight.t().to(out.dtype), out=out)
+
+
 def _accumulate_weight_grad(grad_weight, grad_logits, hidden):
-    """grad_weight[:K] += grad_logits^T hidden, the product rounded once per chunk at most."""
-    k = grad_logits.shape[1]
-    wide = (grad_logits.is_cuda and grad_weight.dtype == torch.float32
-            and grad_logits.dtype in (torch.bfloat16, torch.float16))
-    for v0 in range(0, k, _WEIGHT_GRAD_SLICE):
-        v1 = min(k, v0 + _WEIGHT_GRAD_SLICE)
-        lhs = grad_logits[:, v0:v1].t()
-        # cuBLAS can write the bf16/fp16 GEMM's fp32 accumulator directly
-        product = torch.mm(lhs, hidden, out_dtype=torch.float32) if wide else torch.mm(lhs, hidden)
-        grad_weight[v0:v1] += product
+    """grad_weight[:K] += grad_logits^T hidden in place, the product rounded once at most."""
+    lhs = grad_logits.t()
+    if lhs.dtype == grad_weight.dtype:
+        grad_weight.addmm_(lhs, hidden)
+    elif lhs.is_cuda and grad_weight.dtype == torch.float32:
+        # cuBLAS accumulates the bf16/fp16 GEMM into the fp32 buffer (beta = 1): no temporary
+        torch.addmm(grad_weight, lhs, hidden, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(lhs.to(grad_weight.dtype), hidden.to(grad_weight.dtype))
 
 
 def _finish_weight_grad(grad_weight, weight):
-    return None if grad_weight is None else grad_weight.to(weight.dtype)
+    """The accumulator of the first K rows (or of all) in the weight's dtype and shape."""
+    if grad_weight is None:
+        return None
+    if grad_weight.shape[0] == weight.shape[0]:
+        return grad_weight.to(weight.dtype)
+    out = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    out[: grad_weight.shape[0]] = grad_weight
+    return out
 
 
 @dataclass
@@ -418,3 +436,136 @@ def fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teache
             raise ValueError(f"objective must be 'full', 'sampled' or 'topk', got {objective!r}")
         values = _masked(values, mask)
     return _attach(hs, student_weight, values, plan), stats
+
+
+# ----------------------------------------------------------------------------- gradient in the forward
+
+class _GradInForward(torch.autograd.Function):
+    """A scalar loss whose student gradients were computed in its forward for an upstream 1:
+    the backward only scales them by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight):
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        scaled = lambda t: None if t is None else t * grad.to(t.dtype)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return scaled(grad_hidden), scaled(grad_weight), None, None, None
+
+
+def _row_weight(mask, n, reduction, device) -> torch.Tensor:
+    """dLoss/dL_r on counted rows, a device scalar: 1 for 'sum', 1 / max(count, 1) for 'mean'
+    (the count stays on the device: no host sync). Uncounted rows get 0 from the kernels' mask."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    if reduction == "sum":
+        return one
+    count = one * n if mask is None else mask.sum().float()
+    return one / count.clamp(min=1)
+
+
+def _dense_loss_and_grads(hs, ws, ht, wt, objective, tokens, k, mask, temperature, return_stats,
+                          vocab_size, weight_grad_dtype, reduction, need_hidden, need_weight):
+    """The 'full' and 'sampled' losses reduced to a scalar, with dLoss/dh_s and dLoss/dW_s for an
+    upstream gradient of 1, one token chunk at a time (see fused_linear_opd_loss_reduced)."""
+    n, width = hs.shape
+    device = hs.device
+    ws, wt = ws[:vocab_size], wt[:vocab_size]
+    scratch_dtype = torch.promote_types(hs.dtype, torch.float32)
+    row_bytes = vocab_size * (2 * scratch_dtype.itemsize + hs.element_size())
+    chunk = min(n, max(1, SCRATCH_BYTES // row_bytes))
+    student_logits = torch.empty(chunk, vocab_size, dtype=scratch_dtype, device=device)
+    teacher_logits = torch.empty_like(student_logits)
+    grad_logits = torch.empty(chunk, vocab_size, dtype=hs.dtype, device=device)
+    grad_hidden = torch.empty_like(hs) if need_hidden else None
+    grad_weight = (torch.zeros(vocab_size, width, dtype=weight_grad_dtype, device=device)
+                   if need_weight else None)
+    row_weight = _row_weight(mask, n, reduction, device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    stats = []
+    inv_tau = 1.0 / temperature
+    block_v = _block_v(vocab_size, _BACKWARD_BLOCK_V)
+    for c0 in range(0, n, chunk):
+        rows = slice(c0, min(n, c0 + chunk))
+        m = rows.stop - c0
+        z_s, z_t, g = student_logits[:m], teacher_logits[:m], grad_logits[:m]
+        chunk_mask = None if mask is None else mask[rows]
+        chunk_tokens = tokens[rows] if objective == "sampled" else None
+        # each lm_head product once: the logits stay in the scratch for the statistics and dL/du
+        _logits_into(z_s, hs[rows], ws)
+        _logits_into(z_t, ht[rows], wt)
+        rp = row_pass(z_s, z_t, chunk_tokens, chunk_mask, k if return_stats else 0, temperature)
+        grid = (m, triton.cdiv(vocab_size, block_v))
+        if objective == "full":
+            # dKL/du_v = (1/tau) p_v (log p_v - log q_v - KL), times the row weight
+            total += rp.field("kl").sum()
+            coef = (row_weight * inv_tau).expand(m).contiguous()
+            reverse_kl_grad_kernel[grid](
+                z_s, z_t, g, rp.field("max_s"), rp.field("logsum_s"), rp.field("max_t"),
+                rp.field("logsum_t"), rp.field("kl"), coef, chunk_mask, vocab_size,
+                z_s.stride(0), z_t.stride(0), g.stride(0), inv_tau, BLOCK_V=block_v,
+                num_warps=_num_warps(block_v))
+        else:
+            # L = -r log p(y), r detached: dL/du = -(r/tau)(onehot(y) - p), times the row weight
+            log_p_y = rp.field("student_logprob")
+            reward = rp.field("teacher_logprob") - log_p_y  # 0 at uncounted rows
+            total += (-reward * log_p_y).sum()
+            coef_y = (-reward * row_weight * inv_tau).contiguous()
+            softmax_grad_kernel[grid](
+                z_s, g, rp.field("max_s"), rp.field("logsum_s"), -coef_y, coef_y, chunk_tokens,
+                chunk_mask, vocab_size, z_s.stride(0), g.stride(0), inv_tau, BLOCK_V=block_v,
+                num_warps=_num_warps(block_v))
+        if need_hidden:
+            torch.mm(g, ws, out=grad_hidden[rows])
+        if need_weight:
+            _accumulate_weight_grad(grad_weight, g, hs[rows])
+        if return_stats:
+            stats.append(_logits_stats(rp))
+    del student_logits, teacher_logits, grad_logits
+    stats = (TopKStats(**{name: torch.cat([s.tensors()[name] for s in stats])
+                          for name in STAT_FIELDS}) if return_stats else None)
+    return total * row_weight, grad_hidden, grad_weight, stats
+
+
+def fused_linear_opd_loss_reduced(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                  objective, tokens, k, mask, temperature, return_stats, vocab_size,
+                                  weight_grad_dtype, reduction):
+    """fused_linear_opd_loss reduced to a scalar ('mean' or 'sum'), its gradient computed in the
+    forward.
+
+    With L = sum_r w_r L_r (w_r = 1 for 'sum', 1/count for 'mean', 0 on uncounted rows) the
+    upstream gradient of row r is g w_r, g the one upstream scalar. So the forward computes
+    dL/du for g = 1, turns it into dh and dW at once, and the backward scales them by g: exact
+    for any g, and the logits are never recomputed. Per token chunk, over a scratch of fp32
+    [chunk, K] logits of each model and dL/du in the input dtype (``SCRATCH_BYTES`` in all):
+      1. z_s = h_s W_s^T and z_t = h_t W_t^T by cuBLAS, once each, fp32 output (no rounding of
+         the logits; "sampled" needs z_t only for lse_t and z_t[y], but the product is the cost);
+      2. one Triton pass over both (row_stats, as for the logits form): lse, KL or the token
+         log-probs, and the top-k statistics when asked (free: the same read);
+      3. one Triton pass writing dL/du (logits_grad, the logits form's backward kernels, with
+         the row weights folded into their per-row coefficients);
+      4. dh[chunk] = dL/du W_s and dW += dL/du^T h_s (fp32 accumulator, cast at the end).
+    "topk" keeps the per-row path (its backward is k-sparse, already cheap; no teacher product
+    to save): the autograd Function of fused_linear_opd_loss, then the reduction. Without a
+    student that needs a gradient this is the plain forward of that path for every objective.
+    """
+    wants_grad = torch.is_grad_enabled() and (student_hidden.requires_grad
+                                              or student_weight.requires_grad)
+    if objective == "topk" or not wants_grad:
+        per_row, stats = fused_linear_opd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, objective, tokens, k,
+            mask, temperature, return_stats, vocab_size, weight_grad_dtype)
+        return reference.reduce(per_row, mask, reduction), stats
+    hs = _same_dtype(student_hidden, student_weight)
+    ht = _rows(_same_dtype(teacher_hidden.detach(), teacher_weight))
+    with torch.no_grad():
+        loss, grad_hidden, grad_weight, stats = _dense_loss_and_grads(
+            _rows(hs.detach()), _rows(student_weight.detach()), ht, _rows(teacher_weight.detach()),
+            objective, None if tokens is None else tokens.contiguous(),
+            k, None if mask is None else mask.contiguous(), temperature, return_stats, vocab_size,
+            weight_grad_dtype, reduction, hs.requires_grad, student_weight.requires_grad)
+        # the accumulator (fp32 by default) is cast now and freed before the backward
+        grad_weight = _finish_weight_grad(grad_weight, student_weight)
+    return _GradInForward.apply(hs, student_weight, loss, grad_hidden, grad_weight), stats
