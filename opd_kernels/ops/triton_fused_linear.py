@@ -1,27 +1,40 @@
 """Fused-linear backend: OPD losses and statistics from hidden states, logits never in memory.
 
 Implements the ``fused_linear_*`` functions of the backend interface (rows already flattened to
-2D, ``vocab_size`` = K filled in by the public layer). The forward kernels compute logits tiles
-z = h W^T / tau with ``tl.dot`` and keep only per-row statistics; the backward recomputes the
-tiles, writes one token chunk of dL/du (u = h W^T) at a time, and turns it into dh and dW with
-two GEMMs (dW accumulated in ``weight_grad_dtype``, fp32 by default, then cast).
+2D, ``vocab_size`` = K filled in by the public layer). Two ways to a gradient:
+
+- Per-row values (reduction "none", ``grad_in_forward=False``, and "topk" always): the forward
+  kernels compute logits tiles z = h W^T / tau with ``tl.dot`` and keep only per-row
+  statistics; the backward recomputes the tiles, writes one token chunk of dL/du (u = h W^T) at
+  a time, and turns it into dh and dW with two GEMMs. Any upstream gradient works.
+- Gradient in the forward (``fused_linear_opd_loss_reduced``: "full" and "sampled" reduced to a
+  scalar): per token chunk, both lm_head products once by cuBLAS into an fp32 scratch, the
+  row statistics and dL/du by the logits backend's Triton kernels over it, then the two GEMMs;
+  the backward only scales dh and dW by the upstream scalar.
+dW is accumulated in ``weight_grad_dtype`` (fp32 by default) in place, then cast.
 
 FLOPs per call, with P_s = 2 N K Hs and P_t = 2 N K Ht one lm_head product of each model; the
 floor counts what no implementation can avoid (the forward products the loss needs, plus the
 dense backward's two GEMMs, 2 P_s, where the gradient is dense):
-    objective   forward          backward                              total          floor
-    full        P_s + P_t        P_s + P_t (recompute) + 2 P_s (GEMMs)  4 P_s + 2 P_t  3 P_s + P_t
-    sampled     P_s + P_t        P_s (recompute) + 2 P_s (GEMMs)        4 P_s + P_t    3 P_s + P_t
-    topk        P_s + 2 N k Ht   4 N k Hs (k-sparse)                    ~P_s           P_s
-    logsumexp, token log-probs: P_s forward, P_s + 2 P_s backward       4 P_s          3 P_s
-Qwen2.5 1.5B <- 7B, N = 8192: P_s = 3.8 TFLOP, P_t = 8.9 TFLOP, so "full" does 33.1 TFLOP against
-a 20.4 TFLOP floor (the recomputation caps it at 62% of the matmul rate over the floor) and
-"topk" ~3.8 TFLOP, no teacher lm_head product at all.
-``return_stats`` adds the teacher's own top-k and both entropies: free for ``sampled`` (its
-passes carry them), + P_t for ``topk`` (the teacher pass it otherwise skips), + P_s + P_t for
-``full`` (its pair pass does not carry the top-k; two single-model passes run beside it).
-The backward's recomputation could be traded for a stored [N, K] tile buffer; that knob is not
-built: ``SCRATCH_BYTES`` bounds only the chunk of dL/du (default 256 MiB).
+    objective  path               forward             backward                       total          floor
+    full       per-row            P_s + P_t           P_s + P_t (recompute) + 2 P_s  4 P_s + 2 P_t  3 P_s + P_t
+    full       grad in forward    P_s + P_t + 2 P_s   (a scale)                      3 P_s + P_t    3 P_s + P_t
+    sampled    per-row            P_s + P_t           P_s (recompute) + 2 P_s        4 P_s + P_t    3 P_s + P_t
+    sampled    grad in forward    P_s + P_t + 2 P_s   (a scale)                      3 P_s + P_t    3 P_s + P_t
+    topk       (both)             P_s + 2 N k Ht      4 N k Hs (k-sparse)            ~P_s           P_s
+    logsumexp, token log-probs: P_s forward, P_s + 2 P_s backward                    4 P_s          3 P_s
+Qwen2.5 1.5B <- 7B, N = 8192: P_s = 3.8 TFLOP, P_t = 8.9 TFLOP, so "full" does 33.1 TFLOP per
+row (62% of the matmul rate over the 20.4 TFLOP floor at best) and 20.4 TFLOP with the gradient
+in the forward; "topk" ~3.8 TFLOP, no teacher lm_head product at all.
+The gradient-in-forward path pays memory passes instead, per element of the [N, K] logits:
+8 B written by the two products (fp32), 8 B read for the statistics, 8 B (4 for "sampled") read
+and 2 B written for dL/du, 4 B read by the two GEMMs: ~30 B, ~9 ms at 4.3 TB/s on the shapes
+above against ~26 ms of floor matmuls. Each chunk also reads and writes the fp32 dW once
+(K Hs 8 B), hence chunks of several hundred rows (``SCRATCH_BYTES``).
+``return_stats`` adds the teacher's own top-k and both entropies: free for ``sampled`` and, with
+the gradient in the forward, for ``full`` (the same pass over the scratch carries them); + P_t
+for ``topk`` (the teacher pass it otherwise skips); + P_s + P_t for the per-row ``full`` (its
+pair pass does not carry the top-k; two single-model passes run beside it).
 """
 from __future__ import annotations
 
@@ -42,9 +55,12 @@ from opd_kernels.ops.triton_logits import _BACKWARD_BLOCK_V, _block_v, _num_warp
 from opd_kernels.ops.triton_logits import _stats as _logits_stats
 from opd_kernels.stats import STAT_FIELDS, TopKStats
 
-# The backward's one buffer: a token chunk of dL/du, [rows, K] in the input dtype. Larger chunks
-# make bigger GEMMs; the memory is the only cost. Read at each backward, so it can be changed.
-SCRATCH_BYTES = 256 * 2**20
+# The bound on a token chunk's buffers: dL/du [rows, K] in the input dtype for the per-row
+# backward; that and the fp32 logits of both models for the gradient in the forward (10 B an
+# element for bf16: 700-row chunks at K = 152K). Larger chunks make bigger GEMMs and fewer
+# read-modify-writes of the fp32 dW (at K = 152K, Hs = 1536 the dW GEMM of a chunk is
+# memory-bound below ~700 rows); the memory is the only cost. Read at each call.
+SCRATCH_BYTES = 2**30
 
 # The largest k the running top-k keeps on-chip (the public layer checks it).
 MAX_K = 64
