@@ -171,4 +171,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the OPD steps (which checkpoint first): nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

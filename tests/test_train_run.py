@@ -74,6 +74,19 @@ def test_tiny_end_to_end(setup, tmp_path, objective, capsys):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
 
 
+def test_cold_start_and_prompt_template(setup, tmp_path):
+    """The recipe: SFT on teacher responses to held-out prompts, then OPD on the rest, with the
+    prompts posed in a given template."""
+    out = tmp_path / "run"
+    argv = _args(setup, out, "--steps", "1", "--objective", "topk", "--cold-start",
+                 "--cold-start-prompts", "4", "--cold-start-steps", "2",
+                 "--prompt-template", "Solve. {prompt}")
+    assert main(argv) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert {"student_before", "student_cold_start", "student_after"} <= set(results)
+    assert json.loads((out / "config.json").read_text())["prompt_template"] == "Solve. {prompt}"
+
+
 def _weights(out):
     return load_file(os.path.join(latest_checkpoint(str(out / "checkpoints")), "model.safetensors"))
 
