@@ -121,7 +121,6 @@ def _table(results: dict) -> str:
 
 def run(cfg) -> dict:
     began = time.time()
-    _seed_everything(cfg.seed)
     data = _data(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
@@ -139,6 +138,7 @@ def run(cfg) -> dict:
             results = json.load(f)
     evaluate = lambda model: accuracy(model, tokenizer, eval_prompts, data["eval"][1], data["checker"],  # noqa: E731
                                       max_new_tokens=cfg.max_new_tokens, add_special_tokens=add_special)
+    _seed_everything(cfg.seed)  # the same rollouts whether or not the demo models were just trained
     with _precision(cfg):
         if eval_prompts and "student_before" not in results:
             results["student_before"] = evaluate(pair.student)
