@@ -40,8 +40,10 @@ def predicting_states(model, head: OutputHead, batch: Batch, dtype: torch.dtype)
 def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, temperature: float,
                  exact_kl: bool):
     """(summed loss over the batch's response tokens, TopKStats, summed full-vocabulary reverse KL
-    or None). Summing lets the caller take the token mean over a whole step of micro-batches.
-    ``exact_kl`` adds KL(p || q) as a diagnostic for the objectives whose loss is not that KL."""
+    or None, summed token reward). Summing lets the caller take the token mean over a whole step
+    of micro-batches. ``exact_kl`` adds KL(p || q) as a diagnostic for the objectives whose loss is
+    not that KL. The token reward is the sampled objective's r = log q(y) - log p(y), whatever the
+    objective: its mean is the one-sample estimate of -KL(p || q) on the rollouts."""
     mask = batch.response_mask[:, batch.prompt_len:]
     tokens = batch.input_ids[:, batch.prompt_len:]
     student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
@@ -53,10 +55,16 @@ def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, te
         student_hidden, student_weight, teacher_hidden, teacher_weight,
         objective=objective, tokens=tokens, k=k, mask=mask, temperature=temperature,
         reduction="sum", return_stats=True, vocab_size=pair.vocab_size)
-    kl = None
-    if exact_kl:
-        with torch.no_grad():
+    with torch.no_grad():
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        kl = None
+        if exact_kl:
             kl = opd_kernels.fused_linear_reverse_kl(
-                student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
+                student_hidden, student_weight, teacher_hidden, teacher_weight,
                 mask=mask, temperature=temperature, reduction="sum", vocab_size=pair.vocab_size)
-    return loss, stats, kl
+        ids = torch.where(mask, tokens, torch.zeros_like(tokens))
+        log_q, log_p = (opd_kernels.fused_linear_token_logprobs(h, w[:pair.vocab_size], ids,
+                                                                temperature=temperature)
+                        for h, w in ((teacher_hidden, teacher_weight), (student_hidden, student_weight)))
+        reward = torch.where(mask, log_q - log_p, torch.zeros_like(log_q)).sum()
+    return loss, stats, kl, reward

@@ -16,7 +16,8 @@ PANELS = (
     (("student_mass", "teacher_mass"), "overlap mass"),
     (("overlap_advantage",), "overlap-token advantage"),
     (("student_entropy", "teacher_entropy"), "entropy"),
-    (("reward",), "mean reward"),
+    (("token_reward",), "mean token reward log q(y) - log p(y)"),
+    (("rollout_accuracy",), "rollout accuracy"),
     (("grad_norm",), "gradient norm"),
     (("response_length",), "response length (tokens)"),
     (("tokens_per_s",), "response tokens / s"),
@@ -43,6 +44,8 @@ def plot_metrics(metrics_path: str, out_path: str) -> bool:
         ax.set_xlabel("step")
         if len(keys) > 1:
             ax.legend(fontsize="small")
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)

@@ -123,13 +123,14 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
                        if data.checker is not None and data.answers[i] is not None]
             tokens = batch.response_tokens
             student.train()
-            loss_sum, kl_sum, stats = 0.0, 0.0, []
+            loss_sum, kl_sum, reward_sum, stats = 0.0, 0.0, 0.0, []
             for part in _slices(batch, cfg.micro_batch_size):
-                loss, part_stats, kl = opd_loss_sum(pair, part, objective=cfg.objective, k=cfg.k,
+                loss, part_stats, kl, token_reward = opd_loss_sum(pair, part, objective=cfg.objective, k=cfg.k,
                                                     temperature=cfg.temperature, exact_kl=exact_kl)
                 (loss / tokens).backward()
                 loss_sum += loss.item()
                 kl_sum += loss.item() if kl is None else kl.item()
+                reward_sum += token_reward.item()
                 stats.append(part_stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
             optimizer.step()
@@ -137,13 +138,14 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
             elapsed = time.time() - began
             row = {"step": step + 1, "loss": loss_sum / tokens, "reverse_kl": kl_sum / tokens,
                    **_cat_stats(stats).summary(),
-                   "reward": float(np.mean(rewards)) if rewards else math.nan,
+                   "token_reward": reward_sum / tokens,
+                   "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
                    "grad_norm": grad_norm, "response_length": tokens / len(idx),
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(kl=f"{row['reverse_kl']:.3f}", overlap=f"{row['overlap']:.3f}",
-                            reward=f"{row['reward']:.2f}", gnorm=f"{grad_norm:.2f}",
+                            reward=f"{row['token_reward']:.3f}", acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
                             len=f"{row['response_length']:.0f}", tok_s=f"{row['tokens_per_s']:.0f}")
             done = step + 1
             if stop.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):

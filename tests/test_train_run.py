@@ -18,7 +18,8 @@ from opd_train.models import tiny_llama
 from opd_train.tokenizer import build_char_tokenizer
 
 METRIC_KEYS = {"step", "loss", "reverse_kl", "overlap", "student_mass", "teacher_mass",
-               "overlap_advantage", "student_entropy", "teacher_entropy", "reward", "grad_norm",
+               "overlap_advantage", "student_entropy", "teacher_entropy", "token_reward", "rollout_accuracy",
+               "grad_norm",
                "response_length", "tokens_per_s"}
 
 

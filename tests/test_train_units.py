@@ -88,8 +88,8 @@ def test_loss_matches_reference_on_model_logits(tok, objective):
     prompts = ["Q:1+2\nA:", "Q:123+456\nA:", "Q:9\nA:"]
     batch, _ = generate(student, tok, prompts, max_new_tokens=6, temperature=1.0)
     assert batch.input_ids[0, 0] == tok.pad_token_id  # really left-padded
-    loss, stats, kl = opd_loss_sum(_pair(student, teacher), batch, objective=objective, k=4,
-                                   temperature=1.0, exact_kl=True)
+    loss, stats, kl, token_reward = opd_loss_sum(_pair(student, teacher), batch, objective=objective,
+                                                 k=4, temperature=1.0, exact_kl=True)
     loss.backward()
     ours = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -111,6 +111,9 @@ def test_loss_matches_reference_on_model_logits(tok, objective):
         torch.testing.assert_close(g.double(), param.grad.double(), rtol=1e-3, atol=1e-5)
     want_kl = reference.reverse_kl(s_logits.detach(), t_logits)[mask].sum()
     torch.testing.assert_close(kl.double(), want_kl, rtol=1e-4, atol=1e-5)
+    y = batch.input_ids[:, p:]
+    want_reward = (reference.token_logprobs(t_logits, y) - reference.token_logprobs(s_logits.detach(), y))[mask].sum()
+    torch.testing.assert_close(token_reward.double(), want_reward, rtol=1e-4, atol=1e-5)
     assert stats.overlap.shape == mask.shape and torch.isnan(stats.overlap[~mask]).all()
 
 
@@ -131,8 +134,8 @@ def test_logit_scale_is_applied(tok):
     ids = tok(["Q:12+34\nA:1+2"], return_tensors="pt")["input_ids"]
     verify_output_head(student, head, ids, "student")
     batch, _ = generate(student, tok, ["Q:1+2\nA:"], max_new_tokens=5, temperature=1.0)
-    loss, _, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4, temperature=1.0,
-                              exact_kl=False)
+    loss, _, _, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4,
+                                 temperature=1.0, exact_kl=False)
     p = batch.prompt_len
     s = student(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
     t = teacher(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
