@@ -261,3 +261,16 @@ def test_weight_grad_dtype_is_the_weights():
         loss.backward()
         assert w.grad.dtype == torch.float16 and torch.isfinite(w.grad).all()
         w.grad = None
+
+
+def test_topk_weight_gradient_sums_long_runs_of_one_id():
+    """40 near-identical rows share their top-k ids: each id's run (40 entries) spans two blocks
+    of the sorted-run sum, and dW still equals the reference."""
+    x = _inputs(40, 500, 32, seed=13)
+    g = torch.Generator().manual_seed(1)
+    x["student_hidden"] = x["student_hidden"][:1] * 3 + 0.01 * torch.randn(40, 32, generator=g)
+    ours, ref = _loss_pair(x, "topk", 4, None, 1.0, None)
+    ids = reference.topk_ids(reference.linear_logits(x["student_hidden"].double(),
+                                                     x["student_weight"].double()), 4)
+    assert (ids == ids[:1]).all()
+    _check(ours, ref, x, torch.float32)

@@ -5,11 +5,15 @@ and the backward that touches only those k rows of W_s per position.
 over BLOCK_H chunks of the hidden dimension with the k gathered rows as a [K_PAD, BLOCK_H] tile:
 2 N k H FLOPs in place of the 2 N V H of an lm_head product, and no [N, k, H] gather in memory.
 
-``fused_linear_sparse_grad_kernel``, grid (rows, hidden blocks): with g[n, j] = dL/du at
-u = h W^T and id S[n, j] (the 1/tau already folded into g),
-    dh[n]       = sum_j g[n, j] W[S[n, j]]        (written once, no atomics)
-    dW[S[n, j]] += g[n, j] h[n]                   (fp32 atomic scatter-add; many rows share ids)
-Zero entries of g (masked rows) skip their atomics.
+The backward, with g[n, j] = dL/du at u = h W^T and id S[n, j] (the 1/tau already folded in):
+``fused_linear_sparse_grad_kernel``, grid (rows, hidden blocks):
+    dh[n] = sum_j g[n, j] W[S[n, j]]                         (written once)
+``fused_linear_sparse_weight_grad_kernel``, grid (entries, hidden blocks), over the N k entries
+(id, row, g) sorted by id (stable, so rows ascend within an id):
+    dW[v] = sum_{entries with id v, in sorted order} g h[row]  (written once, no atomics)
+The program at the first entry of an id's run sums the run BLOCK_E entries at a time; the
+others return at once. The order of the sum is fixed, so dW is the same run to run (fp32
+atomics would add in arrival order); a popular id's run is split across the hidden blocks.
 """
 import triton
 import triton.language as tl
@@ -37,16 +41,10 @@ def fused_linear_gather_logits_kernel(
     tl.store(out_ptr + row * k + offs_k, acc * inv_tau, mask=k_ok)
 
 
-@triton.heuristics({
-    "HAS_GRAD_HIDDEN": lambda args: args["grad_hidden_ptr"] is not None,
-    "HAS_GRAD_WEIGHT": lambda args: args["grad_weight_ptr"] is not None,
-})
 @triton.jit
 def fused_linear_sparse_grad_kernel(
-    hidden_ptr, weight_ptr, ids_ptr, grad_logits_ptr, grad_hidden_ptr, grad_weight_ptr,
-    k, hidden_size, stride_hn, stride_wv, stride_ghn, stride_gwv,
+    weight_ptr, ids_ptr, grad_logits_ptr, grad_hidden_ptr, k, hidden_size, stride_wv, stride_ghn,
     K_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_GRAD_HIDDEN: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -55,17 +53,40 @@ def fused_linear_sparse_grad_kernel(
     k_ok = offs_k < k
     ids = tl.load(ids_ptr + row * k + offs_k, mask=k_ok, other=0)
     g = tl.load(grad_logits_ptr + row * k + offs_k, mask=k_ok, other=0.0)
-    if HAS_GRAD_HIDDEN:
-        w = tl.load(weight_ptr + ids[:, None] * stride_wv + offs_h[None, :],
-                    mask=k_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        grad_h = tl.sum(g[:, None] * w, axis=0)
-        tl.store(grad_hidden_ptr + row * stride_ghn + offs_h,
-                 grad_h.to(grad_hidden_ptr.dtype.element_ty), mask=h_ok)
-    if HAS_GRAD_WEIGHT:
-        h = tl.load(hidden_ptr + row * stride_hn + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-        live = k_ok & (g != 0.0)
-        tl.atomic_add(grad_weight_ptr + ids[:, None] * stride_gwv + offs_h[None, :],
-                      g[:, None] * h[None, :], mask=live[:, None] & h_ok[None, :], sem="relaxed")
+    w = tl.load(weight_ptr + ids[:, None] * stride_wv + offs_h[None, :],
+                mask=k_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+    grad_h = tl.sum(g[:, None] * w, axis=0)
+    tl.store(grad_hidden_ptr + row * stride_ghn + offs_h,
+             grad_h.to(grad_hidden_ptr.dtype.element_ty), mask=h_ok)
+
+
+@triton.jit
+def fused_linear_sparse_weight_grad_kernel(
+    hidden_ptr, sorted_ids_ptr, sorted_rows_ptr, sorted_grad_ptr, grad_weight_ptr,
+    n_entries, hidden_size, stride_hn, stride_gwv,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    entry = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < hidden_size
+    vocab_id = tl.load(sorted_ids_ptr + entry)
+    previous = tl.load(sorted_ids_ptr + entry - 1, mask=entry > 0, other=-1)
+    if vocab_id != previous:  # the first entry of its id's run sums the run
+        acc = tl.zeros((BLOCK_H,), tl.float32)
+        start = entry
+        run_goes_on = True
+        while run_goes_on:
+            offs_e = start + tl.arange(0, BLOCK_E)
+            same = tl.load(sorted_ids_ptr + offs_e, mask=offs_e < n_entries, other=-1) == vocab_id
+            rows = tl.load(sorted_rows_ptr + offs_e, mask=same, other=0)
+            g = tl.load(sorted_grad_ptr + offs_e, mask=same, other=0.0)
+            h = tl.load(hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :],
+                        mask=same[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(g[:, None] * h, axis=0)
+            # the run is a prefix of the block (ids sorted): it goes on only if it filled it
+            run_goes_on = tl.sum(same.to(tl.int32), axis=0) == BLOCK_E
+            start += BLOCK_E
+        tl.store(grad_weight_ptr + vocab_id * stride_gwv + offs_h, acc, mask=h_ok)
 
 
 def _gather_spec(dtype: str, k_pad: int):
@@ -76,23 +97,22 @@ def _gather_spec(dtype: str, k_pad: int):
                    num_warps=4, num_stages=2, label=f"{dtype},k{k_pad}")
 
 
-def _sparse_grad_spec(dtype: str, k_pad: int, grad_hidden=True, grad_weight=True):
-    signature = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "ids_ptr": "*i64",
-                 "grad_logits_ptr": "*fp32",
-                 "grad_hidden_ptr": f"*{dtype}" if grad_hidden else "constexpr",
-                 "grad_weight_ptr": "*fp32" if grad_weight else "constexpr",
-                 **dict.fromkeys(["k", "hidden_size", "stride_hn", "stride_wv", "stride_ghn",
-                                  "stride_gwv"], "i32"),
-                 "K_PAD": "constexpr", "BLOCK_H": "constexpr",
-                 "HAS_GRAD_HIDDEN": "constexpr", "HAS_GRAD_WEIGHT": "constexpr"}
-    constexprs = {"K_PAD": k_pad, "BLOCK_H": 128, "HAS_GRAD_HIDDEN": grad_hidden,
-                  "HAS_GRAD_WEIGHT": grad_weight}
-    if not grad_hidden:
-        constexprs["grad_hidden_ptr"] = None
-    if not grad_weight:
-        constexprs["grad_weight_ptr"] = None
-    return AOTSpec(fused_linear_sparse_grad_kernel.fn, signature, constexprs, num_warps=4,
-                   num_stages=2, label=f"{dtype},k{k_pad},dh={grad_hidden},dw={grad_weight}")
+def _sparse_grad_spec(dtype: str, k_pad: int):
+    signature = {"weight_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_logits_ptr": "*fp32",
+                 "grad_hidden_ptr": f"*{dtype}",
+                 **dict.fromkeys(["k", "hidden_size", "stride_wv", "stride_ghn"], "i32"),
+                 "K_PAD": "constexpr", "BLOCK_H": "constexpr"}
+    return AOTSpec(fused_linear_sparse_grad_kernel, signature, {"K_PAD": k_pad, "BLOCK_H": 128},
+                   num_warps=4, num_stages=2, label=f"{dtype},k{k_pad}")
+
+
+def _sparse_weight_grad_spec(dtype: str):
+    signature = {"hidden_ptr": f"*{dtype}", "sorted_ids_ptr": "*i64", "sorted_rows_ptr": "*i64",
+                 "sorted_grad_ptr": "*fp32", "grad_weight_ptr": "*fp32",
+                 **dict.fromkeys(["n_entries", "hidden_size", "stride_hn", "stride_gwv"], "i32"),
+                 "BLOCK_E": "constexpr", "BLOCK_H": "constexpr"}
+    return AOTSpec(fused_linear_sparse_weight_grad_kernel, signature,
+                   {"BLOCK_E": 32, "BLOCK_H": 128}, num_warps=4, num_stages=2, label=dtype)
 
 
 AOT_SPECS = [
@@ -100,6 +120,5 @@ AOT_SPECS = [
     _gather_spec("bf16", 64),
     *(_sparse_grad_spec(dt, 16) for dt in ("bf16", "fp16", "fp32")),
     _sparse_grad_spec("bf16", 64),
-    _sparse_grad_spec("bf16", 16, grad_hidden=False),
-    _sparse_grad_spec("bf16", 16, grad_weight=False),
+    *(_sparse_weight_grad_spec(dt) for dt in ("bf16", "fp16", "fp32")),
 ]

@@ -49,7 +49,8 @@ from opd_kernels.kernels.fused_linear_grad import fused_linear_grad_logits_kerne
 from opd_kernels.kernels.fused_linear_kl import fused_linear_kl_kernel, fused_linear_kl_merge_kernel
 from opd_kernels.kernels.fused_linear_lse import fused_linear_lse_kernel, fused_linear_lse_merge_kernel
 from opd_kernels.kernels.fused_linear_topk import (fused_linear_gather_logits_kernel,
-                                                   fused_linear_sparse_grad_kernel)
+                                                   fused_linear_sparse_grad_kernel,
+                                                   fused_linear_sparse_weight_grad_kernel)
 from opd_kernels.kernels.logits_grad import reverse_kl_grad_kernel, softmax_grad_kernel
 from opd_kernels.ops.triton_logits import _BACKWARD_BLOCK_V, _block_v, _num_warps, row_pass
 from opd_kernels.ops.triton_logits import _stats as _logits_stats
@@ -281,26 +282,31 @@ def _finish_weight_grad(grad_weight, weight):
 
 @dataclass
 class _SparsePlan:
-    """dL/du nonzero only at ids [N, k]: grad_logits [N, k] fp32 (1/tau folded in)."""
+    """dL/du nonzero only at ids [N, k]: grad_logits [N, k] fp32 (1/tau folded in). Each row of
+    dW is summed once, in fp32 and in a fixed order (deterministic), so ``weight_grad_dtype``
+    (the dtype of sums across chunks) has nothing to do here."""
     ids: torch.Tensor
     grad_logits: torch.Tensor
-    weight_grad_dtype: torch.dtype = torch.float32
 
     def backward(self, hidden, weight, grad, need_hidden, need_weight):
         hidden, weight = _rows(hidden), _rows(weight)
         n, width = hidden.shape
         k = self.ids.shape[1]
         g = (self.grad_logits * grad[:, None]).contiguous()
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # atomics need fp32 (or wider): a narrower weight_grad_dtype still accumulates in fp32
-        acc_dtype = self.weight_grad_dtype if self.weight_grad_dtype == torch.float64 else torch.float32
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
         block_h = min(128, triton.next_power_of_2(width))
-        if n and (need_hidden or need_weight):
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        if n and need_hidden:
             fused_linear_sparse_grad_kernel[(n, triton.cdiv(width, block_h))](
-                hidden, weight, self.ids, g, grad_hidden, grad_weight, k, width,
-                hidden.stride(0), weight.stride(0), width, width,
+                weight, self.ids, g, grad_hidden, k, width, weight.stride(0), width,
                 K_PAD=max(2, triton.next_power_of_2(k)), BLOCK_H=block_h)
+        grad_weight = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            sorted_ids, order = torch.sort(self.ids.reshape(-1), stable=True)
+            if n:
+                fused_linear_sparse_weight_grad_kernel[(n * k, triton.cdiv(width, block_h))](
+                    hidden, sorted_ids, order // k, g.reshape(-1)[order], grad_weight, n * k,
+                    width, hidden.stride(0), width, BLOCK_E=32, BLOCK_H=block_h)
         return grad_hidden, _finish_weight_grad(grad_weight, weight)
 
 
@@ -420,7 +426,7 @@ def fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teache
             grad_logits = p_bar * (log_p_bar - log_q_bar - values[:, None]) / temperature
             if mask is not None:
                 grad_logits = torch.where(mask[:, None], grad_logits, torch.zeros_like(grad_logits))
-            plan = _SparsePlan(student.topk_ids, grad_logits, weight_grad_dtype)
+            plan = _SparsePlan(student.topk_ids, grad_logits)
             if return_stats:
                 teacher = _row_stats(ht, wt, vocab_size, temperature, entropy=True, k=k)
                 stats = _overlap_stats(student, teacher, teacher_at_s, k, mask)
