@@ -23,9 +23,9 @@ dense backward's two GEMMs, 2 P_s, where the gradient is dense):
     sampled    grad in forward    P_s + P_t + 2 P_s   (a scale)                      3 P_s + P_t    3 P_s + P_t
     topk       (both)             P_s + 2 N k Ht      4 N k Hs (k-sparse)            ~P_s           P_s
     logsumexp, token log-probs: P_s forward, P_s + 2 P_s backward                    4 P_s          3 P_s
-Qwen2.5 1.5B <- 7B, N = 8192: P_s = 3.8 TFLOP, P_t = 8.9 TFLOP, so "full" does 33.1 TFLOP per
-row (62% of the matmul rate over the 20.4 TFLOP floor at best) and 20.4 TFLOP with the gradient
-in the forward; "topk" ~3.8 TFLOP, no teacher lm_head product at all.
+Qwen2.5 1.5B <- 7B, N = 8192: P_s = 3.8 TFLOP, P_t = 8.9 TFLOP, so "full" does 33.1 TFLOP on
+the per-row path (62% of the matmul rate over the 20.4 TFLOP floor at best) and the 20.4 TFLOP
+floor with the gradient in the forward; "topk" ~3.8 TFLOP, no teacher lm_head product at all.
 The gradient-in-forward path pays memory passes instead, per element of the [N, K] logits:
 8 B written by the two products (fp32), 8 B read for the statistics, 8 B (4 for "sampled") read
 and 2 B written for dL/du, 4 B read by the two GEMMs: ~30 B, ~9 ms at 4.3 TB/s on the shapes
