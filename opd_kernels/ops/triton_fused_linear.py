@@ -247,11 +247,16 @@ class _DensePlan:
         return grad_hidden, _finish_weight_grad(grad_weight, weight)
 
 
+# GEMMs with an fp32 output for bf16/fp16 inputs (cuBLAS, recent PyTorch); older releases lack
+# the overloads and take the upcasting path.
+_MIXED_GEMM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
 def _logits_into(out, hidden, weight):
     """out = hidden @ weight^T with one rounding, into the (fp32) scratch ``out``."""
     if hidden.dtype == out.dtype:
         torch.mm(hidden, weight.t(), out=out)
-    elif hidden.is_cuda:  # cuBLAS writes the bf16/fp16 GEMM's fp32 accumulator directly
+    elif hidden.is_cuda and _MIXED_GEMM:  # cuBLAS writes the bf16/fp16 GEMM's fp32 accumulator directly
         torch.mm(hidden, weight.t(), out_dtype=out.dtype, out=out)
     else:  # no mixed-dtype GEMM on the CPU
         torch.mm(hidden.to(out.dtype), weight.t().to(out.dtype), out=out)
@@ -262,7 +267,7 @@ def _accumulate_weight_grad(grad_weight, grad_logits, hidden):
     lhs = grad_logits.t()
     if lhs.dtype == grad_weight.dtype:
         grad_weight.addmm_(lhs, hidden)
-    elif lhs.is_cuda and grad_weight.dtype == torch.float32:
+    elif lhs.is_cuda and _MIXED_GEMM and grad_weight.dtype == torch.float32:
         # cuBLAS accumulates the bf16/fp16 GEMM into the fp32 buffer (beta = 1): no temporary
         torch.addmm(grad_weight, lhs, hidden, out_dtype=torch.float32, out=grad_weight)
     else:
