@@ -71,7 +71,7 @@ def _upstream(shape, seed=5):
 def split_rows(monkeypatch):
     """Force the small-N path: 128-wide blocks, every row split across 3 programs."""
     monkeypatch.setattr(triton_logits, "_FORWARD_BLOCK_V", 128)
-    monkeypatch.setattr(triton_logits, "_BACKWARD_BLOCK_V", 128)
+    monkeypatch.setattr(triton_logits, "BACKWARD_BLOCK_V", 128)
     monkeypatch.setattr(triton_logits, "vocab_splits",
                         lambda n_rows, n_blocks, device: min(3, n_blocks))
 

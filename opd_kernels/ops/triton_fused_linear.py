@@ -52,8 +52,8 @@ from opd_kernels.kernels.fused_linear_topk import (fused_linear_gather_logits_ke
                                                    fused_linear_sparse_grad_kernel,
                                                    fused_linear_sparse_weight_grad_kernel)
 from opd_kernels.kernels.logits_grad import reverse_kl_grad_kernel, softmax_grad_kernel
-from opd_kernels.ops.triton_logits import _BACKWARD_BLOCK_V, _block_v, _num_warps, row_pass
-from opd_kernels.ops.triton_logits import _stats as _logits_stats
+from opd_kernels.ops.triton_logits import (BACKWARD_BLOCK_V, row_pass, row_pass_stats, vocab_block,
+                                          warps_for_block)
 from opd_kernels.stats import STAT_FIELDS, TopKStats
 
 # The bound on a token chunk's buffers: dL/du [rows, K] in the input dtype for the per-row
@@ -513,7 +513,7 @@ def _dense_loss_and_grads(hs, ws, ht, wt, objective, tokens, k, mask, temperatur
     total = torch.zeros((), dtype=torch.float32, device=device)
     stats = []
     inv_tau = 1.0 / temperature
-    block_v = _block_v(vocab_size, _BACKWARD_BLOCK_V)
+    block_v = vocab_block(vocab_size, BACKWARD_BLOCK_V)
     for c0 in range(0, n, chunk):
         rows = slice(c0, min(n, c0 + chunk))
         m = rows.stop - c0
@@ -533,7 +533,7 @@ def _dense_loss_and_grads(hs, ws, ht, wt, objective, tokens, k, mask, temperatur
                 z_s, z_t, g, rp.field("max_s"), rp.field("logsum_s"), rp.field("max_t"),
                 rp.field("logsum_t"), rp.field("kl"), coef, chunk_mask, vocab_size,
                 z_s.stride(0), z_t.stride(0), g.stride(0), inv_tau, BLOCK_V=block_v,
-                num_warps=_num_warps(block_v))
+                num_warps=warps_for_block(block_v))
         else:
             # L = -r log p(y), r detached: dL/du = -(r/tau)(onehot(y) - p), times the row weight
             log_p_y = rp.field("student_logprob")
@@ -543,13 +543,13 @@ def _dense_loss_and_grads(hs, ws, ht, wt, objective, tokens, k, mask, temperatur
             softmax_grad_kernel[grid](
                 z_s, g, rp.field("max_s"), rp.field("logsum_s"), -coef_y, coef_y, chunk_tokens,
                 chunk_mask, vocab_size, z_s.stride(0), g.stride(0), inv_tau, BLOCK_V=block_v,
-                num_warps=_num_warps(block_v))
+                num_warps=warps_for_block(block_v))
         if need_hidden:
             torch.mm(g, ws, out=grad_hidden[rows])
         if need_weight:
             _accumulate_weight_grad(grad_weight, g, hs[rows])
         if return_stats:
-            stats.append(_logits_stats(rp))
+            stats.append(row_pass_stats(rp))
     del student_logits, teacher_logits, grad_logits
     stats = (TopKStats(**{name: torch.cat([s.tensors()[name] for s in stats])
                           for name in STAT_FIELDS}) if return_stats else None)

@@ -33,7 +33,7 @@ from opd_kernels.stats import TopKStats
 # at 87 registers on sm_90 (4096 would need 183). Backward: no state, one block a program,
 # 4096 elements (8 KB of bf16 a model) for enough bytes in flight.
 _FORWARD_BLOCK_V = 2048
-_BACKWARD_BLOCK_V = 4096
+BACKWARD_BLOCK_V = 4096
 
 # The largest k the running top-k keeps on-chip (the public layer checks it).
 MAX_K = 64
@@ -44,11 +44,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_v(vocab: int, cap: int, k_pad: int = 0) -> int:
+def vocab_block(vocab: int, cap: int, k_pad: int = 0) -> int:
     return max(min(triton.next_power_of_2(vocab), cap), k_pad, 16)
 
 
-def _num_warps(block_v: int) -> int:
+def warps_for_block(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
@@ -82,7 +82,7 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
     mask = None if mask is None else mask.contiguous()
     tokens = None if tokens is None else tokens.contiguous()
     k_pad = triton.next_power_of_2(k) if k else 0
-    block_v = _block_v(vocab, _FORWARD_BLOCK_V, k_pad)
+    block_v = vocab_block(vocab, _FORWARD_BLOCK_V, k_pad)
     n_blocks = triton.cdiv(vocab, block_v)
     splits = vocab_splits(n, n_blocks, student.device)
     blocks_per_split = triton.cdiv(n_blocks, splits)
@@ -93,7 +93,7 @@ def row_pass(student: torch.Tensor, teacher: Optional[torch.Tensor] = None,
     stride_t = teacher.stride(0) if teacher is not None else 0
     row_stats_partial_kernel[(n, splits)](
         student, teacher, mask, state, keys, vocab, student.stride(0), stride_t, blocks_per_split,
-        inv_tau, BLOCK_V=block_v, K_PAD=max(k_pad, 1), num_warps=_num_warps(block_v))
+        inv_tau, BLOCK_V=block_v, K_PAD=max(k_pad, 1), num_warps=warps_for_block(block_v))
     row_stats_finalize_kernel[(n,)](
         state, keys, student, teacher, tokens, mask, fields, top_ids, n, splits,
         student.stride(0), stride_t, inv_tau, k, SPLITS_PAD=triton.next_power_of_2(splits),
@@ -113,10 +113,10 @@ def _softmax_grad(logits, lse_parts, coef_p, coef_y=None, tokens=None, mask=None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if n == 0:
         return grad
-    block_v = _block_v(vocab, _BACKWARD_BLOCK_V)
+    block_v = vocab_block(vocab, BACKWARD_BLOCK_V)
     softmax_grad_kernel[_grid(n, vocab, block_v)](
         logits, grad, *lse_parts, coef_p, coef_y, tokens, mask, vocab, logits.stride(0),
-        grad.stride(0), 1.0 / temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
+        grad.stride(0), 1.0 / temperature, BLOCK_V=block_v, num_warps=warps_for_block(block_v))
     return grad
 
 
@@ -176,15 +176,15 @@ class _ReverseKL(torch.autograd.Function):
         grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
         if n == 0:
             return grad_student, None, None, None, None
-        block_v = _block_v(vocab, _BACKWARD_BLOCK_V)
+        block_v = vocab_block(vocab, BACKWARD_BLOCK_V)
         reverse_kl_grad_kernel[_grid(n, vocab, block_v)](
             student, teacher, grad_student, max_s, logsum_s, max_t, logsum_t, kl, coef, mask,
             vocab, student.stride(0), teacher.stride(0), grad_student.stride(0),
-            1.0 / ctx.temperature, BLOCK_V=block_v, num_warps=_num_warps(block_v))
+            1.0 / ctx.temperature, BLOCK_V=block_v, num_warps=warps_for_block(block_v))
         return grad_student, None, None, None, None
 
 
-def _stats(rp: RowPass) -> TopKStats:
+def row_pass_stats(rp: RowPass) -> TopKStats:
     f = rp.field
     return TopKStats(overlap=f("overlap"), student_mass=f("student_mass"),
                      teacher_mass=f("teacher_mass"), overlap_advantage=f("overlap_advantage"),
@@ -211,7 +211,7 @@ def reverse_kl(student, teacher, mask, temperature):
 
 def topk_overlap(student, teacher, k, mask, temperature):
     rp = row_pass(_rows(student), _rows(teacher), mask=mask, k=k, temperature=temperature)
-    return _stats(rp)
+    return row_pass_stats(rp)
 
 
 def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_stats):
@@ -242,4 +242,4 @@ def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_s
             loss = torch.where(mask, loss, torch.zeros_like(loss))
     else:
         raise ValueError(f"objective must be one of {reference.OBJECTIVES}, got {objective!r}")
-    return loss, (_stats(rp) if return_stats else None)
+    return loss, (row_pass_stats(rp) if return_stats else None)
