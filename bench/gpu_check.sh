@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh [--quick] [more python -m bench options]
 #
-# Fits one 10-minute device command (give the call timeout_s=600): correctness at most 3 minutes
+# Fits in 10 minutes of GPU time: correctness at most 3 minutes
 # (it also fills Triton's kernel cache for the suite), the suite at most about 6.
 # 1. bench.correctness: every public op on the Triton backend against the float64 reference,
 #    in fp32, bf16 and fp16 (the CPU tests cannot check bf16: the interpreter gets it wrong).
@@ -11,7 +11,7 @@
 # Peers: run bench/peer_wheels.sh on a machine with registry access first and carry ".whl"; the
 # wheels are installed into a temporary folder here. The copy of the tree on the GPU machine has
 # no .git: set OPD_BENCH_COMMIT=<the commit you ran from> so the results are named after it.
-# Everything written also lands in $OUT when that is set (the device tool brings it back).
+# Everything written is also copied to $OUT when that is set (a folder collected after the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
