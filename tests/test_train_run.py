@@ -18,18 +18,11 @@ from opd_train.models import tiny_llama
 from opd_train.tokenizer import build_char_tokenizer
 
 METRIC_KEYS = {"step", "loss", "reverse_kl", "overlap", "student_mass", "teacher_mass",
-               "overlap_advantage", "student_entropy", "teacher_entropy", "token_reward", "rollout_accuracy",
-               "grad_norm",
-               "response_length", "tokens_per_s"}
+               "overlap_advantage", "student_entropy", "teacher_entropy", "token_reward",
+               "rollout_accuracy", "grad_norm", "response_length", "tokens_per_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine they lose much."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
