@@ -44,15 +44,19 @@ def test_every_kernel_module_lists_its_specs():
     from opd_kernels import kernels
     from opd_kernels.aot import all_specs
 
-    covered = {spec.fn for spec in all_specs()}
+    def python_function(fn):  # JITFunction, InterpretedFunction or the function itself
+        return getattr(fn, "fn", fn)
+
+    covered = {python_function(spec.fn) for spec in all_specs()}
     missing = []
     for info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name, obj in vars(module).items():
             # kernels are public JIT functions defined in their module; helpers called from
-            # kernels are private (leading underscore) or live in helper modules without specs
-            if (getattr(obj, "__module__", None) == module.__name__ and not name.startswith("_")
-                    and type(obj).__name__ in ("JITFunction", "InterpretedFunction")
-                    and getattr(module, "AOT_SPECS", None) is not None and obj not in covered):
+            # kernels are private (leading underscore) or live in modules with AOT_SPECS = []
+            fn = python_function(obj)
+            if (isinstance(obj, (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction))
+                    and fn.__module__ == module.__name__ and not name.startswith("_")
+                    and getattr(module, "AOT_SPECS", None) != [] and fn not in covered):
                 missing.append(f"{module.__name__}.{name}")
     assert not missing, f"kernels without an AOT spec: {missing}"
