@@ -62,12 +62,15 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     torch.topk finds the k-th value; every id above it is in, and of the ids equal to it the
     lowest ones fill the remaining places (torch.topk alone breaks ties arbitrarily).
     """
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    above = logits > kth
-    at_kth = logits == kth
-    places_left = k - above.sum(-1, keepdim=True)
-    chosen = above | (at_kth & (at_kth.cumsum(-1) <= places_left))
-    ids = chosen.nonzero()[:, -1].reshape(*logits.shape[:-1], k)  # ascending ids, k a row
+    top = torch.topk(logits, k, dim=-1)
+    kth = top.values[..., -1:]
+    if bool(((logits >= kth).sum(-1) == k).all()):
+        ids = top.indices.sort(dim=-1).values  # no tie straddles the k-th place: topk's set is it
+    else:
+        above, at_kth = logits > kth, logits == kth
+        places_left = k - above.sum(-1, keepdim=True)
+        chosen = above | (at_kth & (at_kth.cumsum(-1) <= places_left))
+        ids = chosen.nonzero()[:, -1].reshape(*logits.shape[:-1], k)  # ascending ids, k a row
     order = torch.sort(logits.gather(-1, ids), dim=-1, descending=True, stable=True).indices
     return ids.gather(-1, order)
 

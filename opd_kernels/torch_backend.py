@@ -25,10 +25,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _over_chunks(fn: Callable, vocab: int, rows: list, shared: list = ()) -> list:
-    """fn(*row_chunks, *shared) -> tuple of per-row tensors, concatenated over row chunks."""
+def _over_chunks(fn: Callable, row_width: int, rows: list, shared: list = ()) -> list:
+    """fn(*row_chunks, *shared) -> tuple of per-row tensors, concatenated over row chunks of
+    ``CHUNK_BYTES`` / (4 ``row_width``) rows (row_width: the elements a row's temporaries hold)."""
     n = next(t for t in rows if t is not None).shape[0]
-    step = max(1, CHUNK_BYTES // (4 * vocab))
+    step = max(1, CHUNK_BYTES // (4 * row_width))
     n_chunks = max(1, -(-n // step))
     # torch.split, not slicing: the backward of a slice fills a zero tensor of the whole input
     # per chunk, the backward of a split concatenates the chunks' gradients once.
@@ -102,7 +103,33 @@ def topk_overlap(student, teacher, k, mask, temperature):
         return _stats_from_columns(_over_chunks(fn, student.shape[-1], [student, teacher, mask]))
 
 
+def _topk_support(logits_of_rows: Callable, width: int, rows: list, k: int, mask) -> torch.Tensor:
+    """S = TopK(p, k) per row, found chunk by chunk without autograd (S is not differentiated);
+    uncounted rows get some valid ids, so gathers at them stay in range."""
+    def fn(*chunk):
+        (student,) = _blank_uncounted(chunk[-1], logits_of_rows(*chunk[:-1]))
+        return (reference.topk_ids(student, k),)
+
+    with torch.no_grad():
+        return _over_chunks(fn, width, [*rows, mask])[0]
+
+
+def _renormalized_kl_rows(student_at_support, teacher_at_support, mask, temperature):
+    """The topk objective's per-row loss from the k logits of each model at S (eq. 5)."""
+    cd = _compute_dtype(student_at_support.dtype)
+    s, t = _blank_uncounted(mask, student_at_support.to(cd), teacher_at_support.detach().to(cd))
+    return _masked(reference.renormalized_kl(s, t, temperature), mask, 0.0)
+
+
 def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_stats):
+    if objective == "topk" and not return_stats:
+        # The loss touches k logits a row: after a no-grad pass for S, a plain gather keeps
+        # autograd's memory at [N, k], with nothing to recompute in the backward.
+        support = _topk_support(lambda s: s.to(_compute_dtype(s.dtype)), student.shape[-1], [student],
+                                k, mask)
+        return _renormalized_kl_rows(student.gather(-1, support), teacher.gather(-1, support), mask,
+                                     temperature), None
+
     def fn(s, t, y, m):
         return _loss_rows(s, t, y, m, objective, k, temperature, return_stats)
 
@@ -145,26 +172,26 @@ def fused_linear_topk_overlap(student_hidden, student_weight, teacher_hidden, te
                                                 [student_weight, teacher_weight]))
 
 
-def _topk_loss_rows(hs, ht, m, ws, wt, k, temperature, vocab_size):
-    """The topk objective without the teacher's lm_head product: its logits at the student's k
-    ids are k dot products a row (the teacher lse cancels in the renormalization)."""
-    student = _logits(hs, ws, vocab_size)
-    cd = student.dtype
-    (student,) = _blank_uncounted(m, student)
-    support = reference.topk_ids(student.detach(), k)
-    teacher_at_support = torch.einsum("nkh,nh->nk", wt.detach().to(cd)[support], ht.detach().to(cd))
-    loss = reference.renormalized_kl(student.gather(-1, support), teacher_at_support, temperature)
-    return (_masked(loss, m, 0.0),)
-
-
 def fused_linear_opd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, objective,
                           tokens, k, mask, temperature, return_stats, vocab_size,
                           weight_grad_dtype=torch.float32):
     ws = _accumulating(student_weight, weight_grad_dtype)
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     if objective == "topk" and not return_stats:
-        fn = lambda hs, ht, m, ws_, wt: _topk_loss_rows(hs, ht, m, ws_, wt, k, temperature, vocab_size)
-        loss = _over_chunks(fn, vocab_size, [student_hidden, teacher_hidden, mask], [ws, teacher_weight])
+        # Neither model's lm_head product is kept: S comes from a no-grad pass over the student's
+        # logits, then both models are evaluated at S alone, k dot products a row (the teacher's
+        # lse cancels in the renormalization), so the backward is k-sparse.
+        support = _topk_support(lambda h: _logits(h, student_weight.detach(), vocab_size), vocab_size,
+                                [student_hidden], k, mask)
+        hidden_size = max(student_hidden.shape[-1], teacher_hidden.shape[-1])
+
+        def fn(hs, ht, ids, m, ws_, wt):
+            cd = _compute_dtype(hs.dtype)
+            at_support = [torch.einsum("nkh,nh->nk", w.to(cd)[ids], h.to(cd)) for h, w in ((hs, ws_), (ht, wt))]
+            return (_renormalized_kl_rows(*at_support, m, temperature),)
+
+        loss = _over_chunks(fn, k * hidden_size, [student_hidden, teacher_hidden, support, mask],
+                            [ws, teacher_weight])
         return loss[0], None
 
     def fn(hs, ht, y, m, ws_, wt):

@@ -122,3 +122,17 @@ def test_reduce_all_masked_is_zero_mean():
     out = R.reduce(v, torch.zeros(4, dtype=torch.bool), "mean")
     out.backward()
     assert out.item() == 0.0 and (v.grad == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_topk_ids_equals_a_stable_sort(seed):
+    # integer-valued logits make ties common (the exact path); Gaussian ones make them rare
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(torch.randint(1, 40, (1,), generator=g))
+    k = int(torch.randint(1, vocab + 1, (1,), generator=g))
+    z = (torch.randint(-3, 3, (2, 3, vocab), generator=g).to(D) if seed % 2
+         else torch.randn(2, 3, vocab, generator=g, dtype=D))
+    if seed % 3 == 0:
+        z[0, 0] = -math.inf
+    expected = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(R.topk_ids(z, k), expected)
