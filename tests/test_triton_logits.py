@@ -322,3 +322,16 @@ def test_strided_rows_and_empty_batch():
     empty = torch.zeros(0, 5, 7)
     assert opd_kernels.reverse_kl(empty, empty, reduction="none", **TRITON).shape == (0, 5)
     assert opd_kernels.logsumexp(empty, **TRITON).shape == (0, 5)
+
+
+def test_strided_tokens():
+    """Token ids that are a strided view (a column of an [N, 2] buffer): the backward reads them
+    by row, so they must be the same ids the forward used."""
+    s, t = _logits(5, 60, seed=33), _logits(5, 60, seed=34)
+    tokens = torch.randint(0, 60, (5, 2), generator=torch.Generator().manual_seed(35))[:, 1]
+    assert not tokens.is_contiguous()
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, **TRITON),
+           lambda x: reference.token_logprobs(x, tokens), s)
+    _check(lambda x: opd_kernels.opd_loss(x, t, objective="sampled", tokens=tokens,
+                                          reduction="none", **TRITON),
+           lambda x: reference.sampled_loss(x, t.to(x.dtype), tokens), s)

@@ -200,7 +200,7 @@ def logsumexp(logits, temperature):
 
 
 def token_logprobs(logits, tokens, temperature):
-    logits = _rows(logits)
+    logits, tokens = _rows(logits), tokens.contiguous()  # the backward reads the ids by row too
     rp = row_pass(logits, tokens=tokens, temperature=temperature)
     return _TokenLogProb.apply(logits, tokens, rp, None, temperature)
 
@@ -217,6 +217,7 @@ def topk_overlap(student, teacher, k, mask, temperature):
 def opd_loss(student, teacher, objective, tokens, k, mask, temperature, return_stats):
     student, teacher = _rows(student), _rows(teacher.detach())
     mask = None if mask is None else mask.contiguous()
+    tokens = None if tokens is None else tokens.contiguous()  # read by row in the backward too
     if objective == "topk" and not return_stats:
         # The teacher is needed at the student's k ids only: no pass over its logits.
         rp = row_pass(student, mask=mask, k=k, temperature=temperature)
