@@ -274,3 +274,20 @@ def test_topk_weight_gradient_sums_long_runs_of_one_id():
                                                      x["student_weight"].double()), 4)
     assert (ids == ids[:1]).all()
     _check(ours, ref, x, torch.float32)
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+def test_empty_batch(objective, grad_in_forward):
+    """N = 0 positions: zero values and zero gradients, as the logits backend gives."""
+    x = _inputs(0, 50, 16, 24)
+    h = x["student_hidden"].requires_grad_()
+    w = x["student_weight"].requires_grad_()
+    loss, stats = opd_kernels.fused_linear_opd_loss(
+        h, w, x["teacher_hidden"], x["teacher_weight"], objective=objective, tokens=x["tokens"],
+        k=4, return_stats=True, grad_in_forward=grad_in_forward, backend="triton")
+    loss.backward()
+    assert loss.item() == 0 and h.grad.shape == (0, 16) and (w.grad == 0).all()
+    assert stats.overlap.shape == (0,)
+    assert opd_kernels.fused_linear_logsumexp(h, w, backend="triton").shape == (0,)
+    assert opd_kernels.fused_linear_token_logprobs(h, w, x["tokens"], backend="triton").shape == (0,)

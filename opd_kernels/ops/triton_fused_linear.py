@@ -88,14 +88,14 @@ def _tiles(hidden: torch.Tensor, topk: bool = False, pair: bool = False) -> _Til
         if hidden.dtype == torch.float32:
             return _Tiles(64, 64 if narrow else 128, 32, 8)
         return _Tiles(128, 64 if narrow else 128, 64, 8)
-    return _Tiles(min(64, triton.next_power_of_2(rows)), 128 if topk else 512,
+    return _Tiles(min(64, triton.next_power_of_2(max(rows, 1))), 128 if topk else 512,
                   min(128, triton.next_power_of_2(width)), 4)
 
 
 def _vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> tuple[int, int]:
     """(splits, tiles per split): enough programs to fill the GPU twice when rows are few."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    wanted = min(vocab_tiles, max(1, triton.cdiv(2 * units, row_blocks)))
+    wanted = min(vocab_tiles, max(1, triton.cdiv(2 * units, max(row_blocks, 1))))
     per_split = triton.cdiv(vocab_tiles, wanted)
     return triton.cdiv(vocab_tiles, per_split), per_split
 
@@ -222,7 +222,7 @@ class _DensePlan:
         t = _tiles(hidden)
         chunk_bytes = SCRATCH_BYTES // (k * hidden.element_size())
         chunk = max(t.block_n, chunk_bytes // t.block_n * t.block_n)
-        chunk = min(chunk, n)
+        chunk = min(chunk, max(n, 1))
         grad_logits = torch.empty(chunk, k, dtype=hidden.dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = (torch.zeros(weight.shape, dtype=self.weight_grad_dtype, device=weight.device)
@@ -576,11 +576,11 @@ def fused_linear_opd_loss_reduced(student_hidden, student_weight, teacher_hidden
       4. dh[chunk] = dL/du W_s and dW += dL/du^T h_s (fp32 accumulator, cast at the end).
     "topk" keeps the per-row path (its backward is k-sparse, already cheap; no teacher product
     to save): the autograd Function of fused_linear_opd_loss, then the reduction. Without a
-    student that needs a gradient this is the plain forward of that path for every objective.
+    student that needs a gradient, or without rows, this is that path for every objective.
     """
     wants_grad = torch.is_grad_enabled() and (student_hidden.requires_grad
                                               or student_weight.requires_grad)
-    if objective == "topk" or not wants_grad:
+    if objective == "topk" or not wants_grad or student_hidden.shape[0] == 0:
         per_row, stats = fused_linear_opd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, objective, tokens, k,
             mask, temperature, return_stats, vocab_size, weight_grad_dtype)
