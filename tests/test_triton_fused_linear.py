@@ -4,6 +4,8 @@ Values and gradients w.r.t. the student's hidden states and weight: fp32 to ~1e-
 fp16 no worse than PyTorch's own fp16 computation plus a small tolerance (the interpreter's
 tl.dot is wrong on bf16, so bf16 is left to the GPU).
 """
+import sys
+
 import pytest
 import torch
 
@@ -291,3 +293,26 @@ def test_empty_batch(objective, grad_in_forward):
     assert stats.overlap.shape == (0,)
     assert opd_kernels.fused_linear_logsumexp(h, w, backend="triton").shape == (0,)
     assert opd_kernels.fused_linear_token_logprobs(h, w, x["tokens"], backend="triton").shape == (0,)
+
+
+def test_backward_frees_its_chunk_scratch_before_the_weight_cast(monkeypatch):
+    """The dL/du scratch ([chunk, K], up to SCRATCH_BYTES) is gone when the fp32 dW accumulator is
+    cast to the weight's dtype, so the two allocations do not add up at the backward's peak."""
+    vocab = 300
+    x = _inputs(5, vocab, 16, dtype=torch.float16)
+    cast = triton_fused_linear._finish_weight_grad
+    alive = []
+
+    def checked_cast(grad_weight, weight):
+        caller = sys._getframe(1).f_locals  # the backward that calls the cast
+        alive.extend(name for name, v in caller.items()
+                     if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == vocab)
+        return cast(grad_weight, weight)
+
+    monkeypatch.setattr(triton_fused_linear, "_finish_weight_grad", checked_cast)
+    h = x["student_hidden"].requires_grad_()
+    w = x["student_weight"].requires_grad_()
+    opd_kernels.fused_linear_opd_loss(h, w, x["teacher_hidden"], x["teacher_weight"],
+                                      objective="full", reduction="none",
+                                      backend="triton").sum().backward()
+    assert w.grad is not None and not alive, alive

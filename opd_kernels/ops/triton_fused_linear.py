@@ -244,6 +244,7 @@ class _DensePlan:
                 torch.mm(g, weight[:k], out=grad_hidden[rows])
             if need_weight:
                 _accumulate_weight_grad(grad_weight[:k], g, hidden[rows])
+        grad_logits = g = None  # the chunk scratch is freed before the cast allocates dW's copy
         return grad_hidden, _finish_weight_grad(grad_weight, weight)
 
 
