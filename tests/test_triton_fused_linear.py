@@ -316,3 +316,13 @@ def test_backward_frees_its_chunk_scratch_before_the_weight_cast(monkeypatch):
                                       objective="full", reduction="none",
                                       backend="triton").sum().backward()
     assert w.grad is not None and not alive, alive
+
+
+def test_fp32_matmuls_of_either_model_use_ieee_precision():
+    from opd_kernels.kernels.fused_linear_tile import dot_precision
+
+    rule = dot_precision("student", "teacher")
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert rule({"student": bf16, "teacher": fp32}) == "ieee"
+    assert rule({"student": fp32, "teacher": None}) == "ieee"
+    assert rule({"student": bf16, "teacher": bf16}) == "tf32"  # no effect on 16-bit inputs

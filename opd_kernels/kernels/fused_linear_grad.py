@@ -18,17 +18,14 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
-from opd_kernels.kernels.fused_linear_tile import logits_tile
+from opd_kernels.kernels.fused_linear_tile import dot_precision, logits_tile
 
-
-def _dot_precision(args):
-    return "ieee" if args["hidden_ptr"].dtype.itemsize == 4 else "tf32"
 
 
 @triton.heuristics({
     "HAS_TEACHER": lambda args: args["teacher_hidden_ptr"] is not None,
     "HAS_TARGET": lambda args: args["target_ptr"] is not None,
-    "DOT_PRECISION": _dot_precision,
+    "DOT_PRECISION": dot_precision("hidden_ptr", "teacher_hidden_ptr"),
 })
 @triton.jit
 def fused_linear_grad_logits_kernel(

@@ -15,14 +15,10 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
-from opd_kernels.kernels.fused_linear_tile import logits_tile
+from opd_kernels.kernels.fused_linear_tile import dot_precision, logits_tile
 
 
-def _dot_precision(args):
-    return "ieee" if args["student_hidden_ptr"].dtype.itemsize == 4 else "tf32"
-
-
-@triton.heuristics({"DOT_PRECISION": _dot_precision})
+@triton.heuristics({"DOT_PRECISION": dot_precision("student_hidden_ptr", "teacher_hidden_ptr")})
 @triton.jit
 def fused_linear_kl_kernel(
     student_hidden_ptr, student_weight_ptr, teacher_hidden_ptr, teacher_weight_ptr,

@@ -19,20 +19,17 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
-from opd_kernels.kernels.fused_linear_tile import logits_tile
+from opd_kernels.kernels.fused_linear_tile import dot_precision, logits_tile
 from opd_kernels.kernels.topk_select import (MIN_KEY, block_can_enter, merge_sorted, merge_topk,
                                              pack_keys, unpack_ids, unpack_values)
 
-
-def _dot_precision(args):
-    return "ieee" if args["hidden_ptr"].dtype.itemsize == 4 else "tf32"
 
 
 @triton.heuristics({
     "HAS_TARGET": lambda args: args["target_ptr"] is not None,
     "WITH_ENTROPY": lambda args: args["part_zsum_ptr"] is not None,
     "WITH_TOPK": lambda args: args["part_keys_ptr"] is not None,
-    "DOT_PRECISION": _dot_precision,
+    "DOT_PRECISION": dot_precision("hidden_ptr"),
 })
 @triton.jit
 def fused_linear_lse_kernel(

@@ -11,6 +11,15 @@ import triton.language as tl
 AOT_SPECS = []  # helpers only: compiled as part of the kernels that use them
 
 
+def dot_precision(*hidden_names):
+    """A triton.heuristics rule: "ieee" when any of the named hidden-state arguments is fp32 (a
+    bf16 student beside an fp32 teacher must not put the teacher's products through tf32)."""
+    def rule(args):
+        tensors = [args[name] for name in hidden_names if args[name] is not None]
+        return "ieee" if any(t.dtype.itemsize == 4 for t in tensors) else "tf32"
+    return rule
+
+
 @triton.jit
 def logits_tile(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_vocab, hidden_size,
                 stride_hn, stride_wv, inv_tau,

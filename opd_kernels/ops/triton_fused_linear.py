@@ -248,9 +248,10 @@ class _DensePlan:
         return grad_hidden, _finish_weight_grad(grad_weight, weight)
 
 
-# GEMMs with an fp32 output for bf16/fp16 inputs (cuBLAS, recent PyTorch); older releases lack
-# the overloads and take the upcasting path.
-_MIXED_GEMM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+# GEMMs with an fp32 output (and, for addmm, an fp32 accumulator) for bf16/fp16 inputs: PyTorch
+# 2.11 takes them on CUDA; older releases lack the overloads or reject an fp32 addmm input, and
+# take the upcasting path.
+_MIXED_GEMM = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11)
 
 
 def _logits_into(out, hidden, weight):
