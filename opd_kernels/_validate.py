@@ -61,11 +61,15 @@ def mask(m, lead: torch.Size, device: torch.device) -> Optional[torch.Tensor]:
     if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = counted), got "
                         f"{getattr(m, 'dtype', type(m).__name__)}")
-    if m.shape != lead:
-        raise ValueError(f"mask shape {tuple(m.shape)} != the positions' shape {tuple(lead)}")
-    if m.device != device:
-        raise ValueError(f"mask is on {m.device} but the logits are on {device}")
+    _one_per_position("mask", m, lead, device)
     return m
+
+
+def _one_per_position(name: str, t: torch.Tensor, lead: torch.Size, device: torch.device) -> None:
+    if t.shape != lead:
+        raise ValueError(f"{name} shape {tuple(t.shape)} != the positions' shape {tuple(lead)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
 
 
 def tokens(t, lead: torch.Size, vocab: int, device: torch.device,
@@ -76,13 +80,11 @@ def tokens(t, lead: torch.Size, vocab: int, device: torch.device,
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"tokens must be an integer tensor of token ids, got "
                         f"{getattr(t, 'dtype', type(t).__name__)}")
-    if t.shape != lead:
-        raise ValueError(f"tokens shape {tuple(t.shape)} != the positions' shape {tuple(lead)}")
-    if t.device != device:
-        raise ValueError(f"tokens is on {t.device} but the logits are on {device}")
+    _one_per_position("tokens", t, lead, device)
     checked = t if counted is None else t[counted]
-    if checked.numel() and bool(((checked < 0) | (checked >= vocab)).any()):
-        bad = checked[(checked < 0) | (checked >= vocab)][0]
+    outside = (checked < 0) | (checked >= vocab)
+    if checked.numel() and bool(outside.any()):
+        bad = checked[outside][0]
         raise ValueError(f"tokens holds id {int(bad)} outside the vocabulary [0, {vocab})")
     return t.long()
 

@@ -26,6 +26,15 @@ import triton.language as tl
 from opd_kernels.aot import AOTSpec
 
 
+@triton.jit
+def _is_counted(mask_ptr, row, HAS_MASK: tl.constexpr):
+    """Uncounted rows get a zero gradient without reading their logits."""
+    counted = True
+    if HAS_MASK:
+        counted = tl.load(mask_ptr + row) != 0
+    return counted
+
+
 @triton.heuristics({
     "HAS_TOKENS": lambda args: args["tokens_ptr"] is not None,
     "HAS_MASK": lambda args: args["mask_ptr"] is not None,
@@ -40,10 +49,7 @@ def softmax_grad_kernel(
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = offs < n_vocab
     grad_row = grad_ptr + row.to(tl.int64) * stride_g
-    counted = True
-    if HAS_MASK:
-        counted = tl.load(mask_ptr + row) != 0
-    if counted:
+    if _is_counted(mask_ptr, row, HAS_MASK):
         z = tl.load(logits_ptr + row.to(tl.int64) * stride_z + offs, mask=in_vocab,
                     other=float("-inf")).to(tl.float32)
         log_p = (z * inv_tau - tl.load(max_ptr + row)) - tl.load(logsum_ptr + row)
@@ -67,10 +73,7 @@ def reverse_kl_grad_kernel(
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = offs < n_vocab
     grad_row = grad_ptr + row.to(tl.int64) * stride_g
-    counted = True
-    if HAS_MASK:
-        counted = tl.load(mask_ptr + row) != 0
-    if counted:
+    if _is_counted(mask_ptr, row, HAS_MASK):
         z_s = tl.load(student_ptr + row.to(tl.int64) * stride_s + offs, mask=in_vocab,
                       other=float("-inf")).to(tl.float32)
         z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
