@@ -2,6 +2,7 @@
 
     from opd_kernels import opd_loss, fused_linear_opd_loss, topk_overlap, OPDLoss
 """
+from . import objectives
 from .api import (fused_linear_logsumexp, fused_linear_opd_loss, fused_linear_reverse_kl,
                   fused_linear_token_logprobs, fused_linear_topk_overlap, logsumexp, opd_loss,
                   reverse_kl, token_logprobs, topk_overlap)
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "logsumexp", "token_logprobs", "reverse_kl", "topk_overlap", "opd_loss",
     "fused_linear_logsumexp", "fused_linear_token_logprobs", "fused_linear_reverse_kl",
-    "fused_linear_topk_overlap", "fused_linear_opd_loss", "OPDLoss", "TopKStats",
+    "fused_linear_topk_overlap", "fused_linear_opd_loss", "OPDLoss", "TopKStats", "objectives",
 ]

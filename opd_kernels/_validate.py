@@ -6,10 +6,9 @@ from typing import Optional
 
 import torch
 
-from .reference import OBJECTIVES
-
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
+# Activation dtypes a wider (fp32 master) weight may be paired with, as autocast pairs them.
+_AUTOCAST_ACTIVATIONS = (torch.bfloat16, torch.float16)
 
 
 def floating(name: str, t) -> None:
@@ -72,44 +71,39 @@ def _one_per_position(name: str, t: torch.Tensor, lead: torch.Size, device: torc
         raise ValueError(f"{name} is on {t.device} but the logits are on {device}")
 
 
-def tokens(t, lead: torch.Size, vocab: int, device: torch.device,
-           counted: Optional[torch.Tensor]) -> torch.Tensor:
-    """Integer ids of the positions' shape, in [0, vocab) wherever the position is counted
-    (uncounted positions may hold anything, e.g. an ignore index). The range check is the one
-    host synchronization of a call, made here before any kernel runs."""
+def tokens(t, lead: torch.Size, vocab: int, device: torch.device, counted: Optional[torch.Tensor],
+           ignore_index: Optional[int] = None) -> tuple:
+    """Integer ids of the positions' shape -> (ids as int64, the counted positions). A position
+    whose id is ``ignore_index`` is not counted (combined with ``counted``, the mask); every
+    counted id must lie in [0, vocab). The range check is the one host synchronization of a call,
+    made here before any kernel runs."""
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"tokens must be an integer tensor of token ids, got "
                         f"{getattr(t, 'dtype', type(t).__name__)}")
     _one_per_position("tokens", t, lead, device)
+    if ignore_index is not None:
+        kept = t != ignore_index
+        counted = kept if counted is None else counted & kept
     checked = t if counted is None else t[counted]
     outside = (checked < 0) | (checked >= vocab)
     if checked.numel() and bool(outside.any()):
         bad = checked[outside][0]
-        raise ValueError(f"tokens holds id {int(bad)} outside the vocabulary [0, {vocab})")
-    return t.long()
+        raise ValueError(f"tokens holds id {int(bad)} outside the vocabulary [0, {vocab})"
+                         + ("" if ignore_index is None else f" (ignore_index is {ignore_index})"))
+    return t.long(), counted
 
 
-def k(value, vocab: int, backend_limit: int) -> int:
+def k(value, vocab: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"k must be an int, got {value!r}")
     if not 1 <= value <= vocab:
         raise ValueError(f"k must satisfy 1 <= k <= V = {vocab}, got k={value}")
-    if value > backend_limit:
-        raise ValueError(f"k must be <= {backend_limit} on the Triton backend, got k={value} "
-                         f"(backend='torch' takes any k <= V)")
     return value
 
 
 def choice(name: str, value, options) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return value
-
-
-def objective(value, tokens_given: bool) -> str:
-    choice("objective", value, OBJECTIVES)
-    if value == "sampled" and not tokens_given:
-        raise ValueError("objective='sampled' needs tokens (the sampled token ids, one a position)")
     return value
 
 
@@ -121,9 +115,39 @@ def linear(name_hidden: str, hidden, name_weight: str, weight) -> None:
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{name_hidden} has hidden size {hidden.shape[-1]} but {name_weight} is "
                          f"[V, H] with H={weight.shape[1]}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"{name_hidden} is {hidden.dtype} but {name_weight} is {weight.dtype}")
+    if hidden.dtype != weight.dtype and not (hidden.dtype in _AUTOCAST_ACTIVATIONS
+                                             and weight.dtype == torch.float32):
+        raise TypeError(f"{name_hidden} is {hidden.dtype} but {name_weight} is {weight.dtype}: "
+                        f"the two must match, or be bfloat16/float16 activations with a float32 "
+                        f"weight (mixed precision)")
     same_device(**{name_hidden: hidden, name_weight: weight})
+
+
+def bias(name: str, b, weight_name: str, weight) -> None:
+    """None, or a floating vector of one entry a row of the weight, on its device."""
+    if b is None:
+        return
+    floating(name, b)
+    if b.shape != weight.shape[:1]:
+        raise ValueError(f"{name} must have shape ({weight.shape[0]},) (one entry a row of "
+                         f"{weight_name}), got {tuple(b.shape)}")
+    same_device(**{weight_name: weight, name: b})
+
+
+def softcap(name: str, value) -> Optional[float]:
+    """None (no capping) or the cap c of c tanh(z / c): a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+    return float(value)
+
+
+def ignore_index(value) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {value!r}")
+    return value
 
 
 def vocab_size(value, student_vocab: int, teacher_vocab: int) -> int:

@@ -2,21 +2,28 @@
 
 Every function works in the dtype it is given (pass float64 for an oracle), over the last axis
 (the vocabulary), and is differentiable where the spec defines a gradient. Nothing here is
-chunked or fused: it materializes softmaxes freely, for clarity.
+chunked or fused: it materializes softmaxes freely, for clarity. The objectives' own math lives
+in opd_kernels/objectives (one module each); ``opd_loss`` here runs any of them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from . import objectives
+from .objectives.base import Need, PassResults, kl, log_softmax, plogp_terms, topk_ids
 from .stats import TopKStats
 
-OBJECTIVES = ("full", "sampled", "topk")
+__all__ = ["log_softmax", "logsumexp", "token_logprobs", "entropy", "reverse_kl", "forward_kl",
+           "topk_ids", "topk_overlap", "softcapped", "linear_logits", "pass_results", "reduce",
+           "opd_loss"]
 
 
-def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return torch.log_softmax(logits / temperature, dim=-1)
+def softcapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Final-logit soft-capping (Gemma 2): c tanh(z / c); ``None`` leaves z as it is."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -29,10 +36,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return log_softmax(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _plogp_terms(log_p: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """p * (log p - other) with the term 0 where p = 0 (gradient-safe: no 0 * inf anywhere)."""
-    p = log_p.exp()
-    return p * torch.where(p > 0, log_p - other, torch.zeros_like(log_p))
+def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+    return -plogp_terms(log_p, torch.zeros_like(log_p)).sum(-1)
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -40,45 +45,23 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return _entropy(log_softmax(logits, temperature))
 
 
-def _entropy(log_p: torch.Tensor) -> torch.Tensor:
-    return -_plogp_terms(log_p, torch.zeros_like(log_p)).sum(-1)
-
-
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                temperature: float = 1.0) -> torch.Tensor:
     """KL(p || q) per position; +inf where q_v = 0 < p_v. The teacher gets no gradient."""
-    log_p = log_softmax(student_logits, temperature)
-    log_q = log_softmax(teacher_logits.detach(), temperature)
-    return _plogp_terms(log_p, log_q).sum(-1)
+    return kl(log_softmax(student_logits, temperature), log_softmax(teacher_logits.detach(), temperature))
 
 
-full_loss = reverse_kl
-
-
-def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the k largest logits, largest first, ties going to the lower token id.
-
-    Equal to ``torch.sort(logits, descending=True, stable=True).indices[..., :k]``, in O(V):
-    torch.topk finds the k-th value; every id above it is in, and of the ids equal to it the
-    lowest ones fill the remaining places (torch.topk alone breaks ties arbitrarily).
-    """
-    top = torch.topk(logits, k, dim=-1)
-    kth = top.values[..., -1:]
-    if bool(((logits >= kth).sum(-1) == k).all()):
-        ids = top.indices.sort(dim=-1).values  # no tie straddles the k-th place: topk's set is it
-    else:
-        above, at_kth = logits > kth, logits == kth
-        places_left = k - above.sum(-1, keepdim=True)
-        chosen = above | (at_kth & (at_kth.cumsum(-1) <= places_left))
-        ids = chosen.nonzero()[:, -1].reshape(*logits.shape[:-1], k)  # ascending ids, k a row
-    order = torch.sort(logits.gather(-1, ids), dim=-1, descending=True, stable=True).indices
-    return ids.gather(-1, order)
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """KL(q || p) per position; +inf where p_v = 0 < q_v."""
+    return kl(log_softmax(teacher_logits.detach(), temperature), log_softmax(student_logits, temperature))
 
 
 @torch.no_grad()
 def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16,
-                 temperature: float = 1.0) -> TopKStats:
-    """The top-k shared-mass statistics per position (no mask: every position counted)."""
+                 temperature: float = 1.0, tokens: Optional[torch.Tensor] = None) -> TopKStats:
+    """The top-k shared-mass statistics per position (no mask: every position counted), with
+    the full reverse KL and, given ``tokens``, both models' log-probs of them."""
     support = topk_ids(student_logits, k)                                    # S
     in_teacher_topk = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter_(
         -1, topk_ids(teacher_logits, k), True)                               # T
@@ -93,50 +76,40 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     # Renormalized over S ∩ T: log p̄ = log p - log m_p, log q̄ = log q - log m_q.
     log_p_bar = log_p_s - student_mass.log().unsqueeze(-1)
     log_q_bar = log_q_s - teacher_mass.log().unsqueeze(-1)
-    terms = torch.where(shared, -_plogp_terms(log_p_bar, log_q_bar), zero).sum(-1)  # 0 where p̄ = 0
+    terms = torch.where(shared, -plogp_terms(log_p_bar, log_q_bar), zero).sum(-1)  # 0 where p̄ = 0
     advantage = torch.where(n_shared > 0, terms / n_shared.clamp(min=1),
                             torch.full_like(terms, float("nan")))
     h_p, h_q = _entropy(log_p), _entropy(log_q)
+    at = lambda lp: None if tokens is None else lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return TopKStats(overlap=n_shared.to(log_p.dtype) / k, student_mass=student_mass,
                      teacher_mass=teacher_mass, overlap_advantage=advantage,
-                     student_entropy=h_p, teacher_entropy=h_q, entropy_gap=(h_q - h_p).abs())
+                     student_entropy=h_p, teacher_entropy=h_q, entropy_gap=(h_q - h_p).abs(),
+                     reverse_kl=kl(log_p, log_q), student_logprob=at(log_p),
+                     teacher_logprob=at(log_q))
 
 
-def sampled_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """-r log p(y) with the detached reward r = log q(y) - log p(y) (eq. 3, importance ratio 1)."""
-    log_p_y = token_logprobs(student_logits, tokens, temperature)
-    reward = (token_logprobs(teacher_logits.detach(), tokens, temperature) - log_p_y).detach()
-    return -reward * log_p_y
-
-
-def topk_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16,
-              temperature: float = 1.0) -> torch.Tensor:
-    """KL(p̄ || q̄) over S = TopK(p, k), both renormalized over S (eq. 5); S is not differentiated."""
-    support = topk_ids(student_logits.detach(), k)
-    return renormalized_kl(student_logits.gather(-1, support), teacher_logits.gather(-1, support),
-                           temperature)
-
-
-def renormalized_kl(student_at_support: torch.Tensor, teacher_at_support: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """KL(p̄ || q̄) from the logits at the support only: the full-vocabulary lse of either model
-    cancels in the renormalization, so the teacher is needed at these ids and nowhere else."""
-    log_p_bar = torch.log_softmax(student_at_support / temperature, dim=-1)
-    log_q_bar = torch.log_softmax(teacher_at_support.detach() / temperature, dim=-1)
-    return _plogp_terms(log_p_bar, log_q_bar).sum(-1)
-
-
-def per_position_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: str,
-                      tokens: Optional[torch.Tensor] = None, k: int = 16,
-                      temperature: float = 1.0) -> torch.Tensor:
-    if objective == "full":
-        return full_loss(student_logits, teacher_logits, temperature)
-    if objective == "sampled":
-        return sampled_loss(student_logits, teacher_logits, tokens, temperature)
-    if objective == "topk":
-        return topk_loss(student_logits, teacher_logits, k, temperature)
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+def pass_results(student_logits: torch.Tensor, teacher_logits: torch.Tensor, needs: frozenset,
+                 *, tokens: Optional[torch.Tensor] = None, k: int = 16, temperature: float = 1.0,
+                 beta: float = 0.5) -> PassResults:
+    """Every per-row quantity of objectives.base.PassResults that ``needs`` asks for, from full
+    [N, V] logits (no gradient): what a backend's passes produce, stated plainly."""
+    with torch.no_grad():
+        x_s, x_t = student_logits / temperature, teacher_logits / temperature
+        log_p, log_q = torch.log_softmax(x_s, -1), torch.log_softmax(x_t, -1)
+        r = PassResults(lse_s=torch.logsumexp(x_s, -1), tokens=tokens)
+        if Need.TEACHER_FULL in needs:
+            r.lse_t = torch.logsumexp(x_t, -1)
+            r.reverse_kl, r.forward_kl = kl(log_p, log_q), kl(log_q, log_p)
+            if tokens is not None:
+                at = lambda lp: lp.gather(-1, tokens[:, None]).squeeze(-1)
+                r.student_logprob, r.teacher_logprob = at(log_p), at(log_q)
+        if Need.SUPPORT in needs:
+            r.support = topk_ids(x_s, k)
+            r.student_at_support, r.teacher_at_support = x_s.gather(-1, r.support), x_t.gather(-1, r.support)
+        if Need.MIXTURE in needs:
+            log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+            r.mixture_student, r.mixture_teacher = kl(log_p, log_m), kl(log_q, log_m)
+    return r
 
 
 def reduce(per_position: torch.Tensor, mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
@@ -152,27 +125,31 @@ def reduce(per_position: torch.Tensor, mask: Optional[torch.Tensor], reduction: 
     return total / torch.clamp(torch.as_tensor(count, device=total.device), min=1)
 
 
-def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: str = "topk",
+def opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective="topk",
              tokens: Optional[torch.Tensor] = None, k: int = 16, mask: Optional[torch.Tensor] = None,
-             temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """One of the three OPD objectives, reduced over the positions where ``mask`` is True.
+             temperature: float = 1.0, reduction: str = "mean", student_softcap=None,
+             teacher_softcap=None, **params) -> torch.Tensor:
+    """Any objective (a name or an Objective), reduced over the positions where ``mask`` is True.
 
     Positions that are not counted are left out before any math, so they add neither a value
-    nor a gradient (nor a NaN from 0 * inf).
+    nor a gradient (nor a NaN from 0 * inf). Soft-capping applies before the temperature.
     """
-    lead = student_logits.shape[:-1]
-    if mask is None:
-        return reduce(per_position_loss(student_logits, teacher_logits, objective, tokens, k,
-                                        temperature), None, reduction)
-    rows = mask.reshape(-1)
-    vocab = student_logits.shape[-1]
-    counted = per_position_loss(student_logits.reshape(-1, vocab)[rows],
-                                teacher_logits.reshape(-1, vocab)[rows], objective,
-                                None if tokens is None else tokens.reshape(-1)[rows], k, temperature)
+    objective = objectives.get(objective)
+    params = objective.check_params(params)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    student = softcapped(student_logits, student_softcap).reshape(-1, vocab)
+    teacher = softcapped(teacher_logits, teacher_softcap).reshape(-1, vocab)
+    rows = torch.ones(student.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1)
+    rows = rows.to(student.device)
+    ids = None if tokens is None else tokens.reshape(-1)[rows]
+    counted = objective.reference(student[rows], teacher[rows], tokens=ids, k=k,
+                                  temperature=temperature, **params)
     per_position = counted.new_zeros(rows.shape).index_put((rows,), counted).reshape(lead)
     return reduce(per_position, mask, reduction)
 
 
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """z = h W^T over the first ``vocab_size`` rows of W (the materialized logits)."""
-    return hidden @ weight[:vocab_size].T
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: Optional[int] = None,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """z = h W^T (+ b) over the first ``vocab_size`` rows of W (the materialized logits)."""
+    z = hidden @ weight[:vocab_size].T
+    return z if bias is None else z + bias[:vocab_size]

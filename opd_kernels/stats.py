@@ -1,4 +1,5 @@
-"""The top-k shared-mass statistics of one batch of positions (opd-math.md, "Per-position quantities")."""
+"""The top-k shared-mass statistics of one batch of positions (opd-math.md, "Per-position quantities"),
+and the per-position diagnostics that come from the loss's own pass."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,9 @@ import torch
 
 STAT_FIELDS = ("overlap", "student_mass", "teacher_mass", "overlap_advantage",
                "student_entropy", "teacher_entropy", "entropy_gap")
+# Filled when the pass that computed the statistics had them: the reverse KL when it read both
+# full distributions, the log-probs when ``tokens`` were given.
+OPTIONAL_FIELDS = ("reverse_kl", "student_logprob", "teacher_logprob")
 
 
 @dataclass
@@ -22,6 +26,8 @@ class TopKStats:
     overlap_advantage mean over S ∩ T of p̄ (log q̄ - log p̄), p̄, q̄ renormalized over S ∩ T;
                       NaN where S ∩ T is empty
     student_entropy   H(p);  teacher_entropy  H(q);  entropy_gap  |H(q) - H(p)|
+    reverse_kl        KL(p || q) over the whole vocabulary (None if the pass did not read both)
+    student_logprob, teacher_logprob   log p(y), log q(y) at the call's ``tokens`` (or None)
 
     Positions that are masked out hold NaN in every field; ``mask`` (bool, True = counted) is kept
     so that :meth:`summary` averages over the counted positions only.
@@ -34,31 +40,54 @@ class TopKStats:
     student_entropy: torch.Tensor
     teacher_entropy: torch.Tensor
     entropy_gap: torch.Tensor
+    reverse_kl: Optional[torch.Tensor] = None
+    student_logprob: Optional[torch.Tensor] = None
+    teacher_logprob: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
 
     def tensors(self) -> dict:
-        return {name: getattr(self, name) for name in STAT_FIELDS}
+        """Every per-position field that is present, by name (the mask excluded)."""
+        names = STAT_FIELDS + OPTIONAL_FIELDS
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def map(self, fn) -> "TopKStats":
         """The same statistics with ``fn`` applied to every tensor (the mask included)."""
         mask = None if self.mask is None else fn(self.mask)
         return dataclasses.replace(self, mask=mask, **{k: fn(v) for k, v in self.tensors().items()})
 
-    def summary(self) -> dict:
-        """Token means over the counted positions, as plain floats (the logging form).
+    @classmethod
+    def cat(cls, parts: list) -> "TopKStats":
+        """The statistics of consecutive chunks of positions as one (along the first axis)."""
+        fields = {name: torch.cat([p.tensors()[name] for p in parts]) for name in parts[0].tensors()}
+        # A part without a mask counts every position: keep the other parts' masks (dropping
+        # them all would count their uncounted, NaN-filled positions in summary()).
+        masks = [p.mask for p in parts]
+        mask = None if all(m is None for m in masks) else torch.cat(
+            [torch.ones_like(p.overlap, dtype=torch.bool) if m is None else m
+             for p, m in zip(parts, masks)])
+        return cls(**fields, mask=mask)
 
-        ``overlap_advantage`` is averaged over the counted positions where S ∩ T is non-empty;
-        ``empty_overlap_fraction`` says how many counted positions had an empty S ∩ T.
-        An empty mask gives NaN for every mean.
+    def summary(self) -> dict:
+        """Means over the counted positions, as plain floats (the logging form).
+
+        Two aggregations of the overlap masses, named apart:
+        - ``student_mass``, ``teacher_mass``: the token mean over every counted position (a
+          position with S ∩ T empty counts as mass 0);
+        - ``student_mass_shared``, ``teacher_mass_shared``: the mean over the counted positions
+          where S ∩ T is non-empty only, as the paper's code (thunlp/OPD) logs them.
+        ``overlap_advantage`` is undefined where S ∩ T is empty, so it is always averaged over the
+        non-empty positions; ``empty_overlap_fraction`` says how many counted positions were empty.
+        (verl's top-k ``student_mass`` is another quantity, the student's mass on the teacher's
+        top-k T, and is not computed here.) An empty mask gives NaN for every mean.
         """
         counted = torch.ones_like(self.overlap, dtype=torch.bool) if self.mask is None else self.mask
         values = {name: t.detach().double()[counted] for name, t in self.tensors().items()}
-        out = {}
-        for name, v in values.items():
-            if name == "overlap_advantage":
-                v = v[~torch.isnan(v)]
-            out[name] = v.mean().item() if v.numel() else math.nan
+        shared = ~torch.isnan(values["overlap_advantage"])
+        mean = lambda v: v.mean().item() if v.numel() else math.nan
+        out = {name: mean(v[shared] if name == "overlap_advantage" else v)
+               for name, v in values.items()}
+        out["student_mass_shared"] = mean(values["student_mass"][shared])
+        out["teacher_mass_shared"] = mean(values["teacher_mass"][shared])
         n = int(counted.sum())
-        empty = int(torch.isnan(values["overlap_advantage"]).sum())
-        out["empty_overlap_fraction"] = empty / n if n else math.nan
+        out["empty_overlap_fraction"] = int((~shared).sum()) / n if n else math.nan
         return out

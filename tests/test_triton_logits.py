@@ -1,4 +1,4 @@
-"""The Triton logits backend (opd_kernels.ops.triton_logits) through the public API, against the
+"""The Triton logits backend (opd_kernels.backends.triton_logits) through the public API, against the
 float64 reference: fp32 values and gradients within 1e-5 of the largest reference magnitude, or
 within twice PyTorch's own fp32 error where that is larger (a peaked row's gradient is a small
 difference of O(x) terms, so fp32 itself cannot do 1e-5 of it); fp16 no worse than PyTorch's
@@ -8,11 +8,22 @@ import pytest
 import torch
 
 import opd_kernels
-from opd_kernels import reference
-from opd_kernels.ops import triton_logits
+from opd_kernels import objectives, reference
+from opd_kernels.backends import triton_logits
 
 RTOL = 1e-5
 TRITON = dict(backend="triton")
+# Every registered objective, the JSD at both ends and inside (its mixture pass).
+OBJECTIVE_CASES = [(name, {"beta": beta}) for name in objectives.names() if name == "jsd"
+                   for beta in (0.0, 0.3, 1.0)] + [(name, {}) for name in objectives.names()
+                                                   if name != "jsd"]
+CASE_IDS = [name + "".join(f"-{k}{v}" for k, v in params.items()) for name, params in OBJECTIVE_CASES]
+
+
+def _per_position(objective, tokens=None, **options):
+    """The float64 oracle of one objective per position (no mask, reduction none)."""
+    return lambda x, t: reference.opd_loss(x, t.to(x.dtype), objective, tokens=tokens,
+                                           reduction="none", **options)
 
 
 def _logits(*shape, seed=0, scale=3.0, dtype=torch.float32):
@@ -201,11 +212,11 @@ def test_fp16_no_worse_than_torch():
     _check_fp16(lambda x: opd_kernels.logsumexp(x, **TRITON), reference.logsumexp, s)
     _check_fp16(lambda x: opd_kernels.token_logprobs(x, tokens, **TRITON),
                 lambda x: reference.token_logprobs(x, tokens), s)
-    for objective in ("full", "sampled", "topk"):
+    for objective, params in OBJECTIVE_CASES:
+        ref = _per_position(objective, tokens, **params)
         _check_fp16(lambda x: opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens,
-                                                   reduction="none", **TRITON),
-                    lambda x: reference.per_position_loss(x, t.to(x.dtype), objective, tokens),
-                    s)
+                                                   reduction="none", **params, **TRITON),
+                    lambda x: ref(x, t), s)
 
 
 # ---- top-k statistics --------------------------------------------------------------------------
@@ -258,12 +269,12 @@ def test_topk_overlap_vocab_50257():
     _close_stats(stats, reference.topk_overlap(s.double(), t.double(), 16))
 
 
-# ---- the three objectives ----------------------------------------------------------------------
+# ---- the objectives ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+@pytest.mark.parametrize("objective,params", OBJECTIVE_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("mask_kind", ["none", "some", "all"])
 @pytest.mark.parametrize("return_stats", [False, True])
-def test_opd_loss(objective, mask_kind, return_stats):
+def test_opd_loss(objective, params, mask_kind, return_stats):
     lead, vocab, k, tau = (2, 3), 300, 4, 2.0
     s, t = _tied(*lead, vocab, seed=23), _logits(*lead, vocab, seed=24)
     tokens = torch.randint(0, vocab, lead, generator=torch.Generator().manual_seed(25))
@@ -275,19 +286,51 @@ def test_opd_loss(objective, mask_kind, return_stats):
     def ours(x):
         out = opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens, k=k, mask=mask,
                                    temperature=tau, reduction="none", return_stats=return_stats,
-                                   **TRITON)
+                                   **params, **TRITON)
         if return_stats:
             out, ours.stats = out
         return out
 
     value, grad = _check(
         ours, lambda x: reference.opd_loss(x, t.to(x.dtype), objective, tokens=tokens, k=k,
-                                           mask=mask, temperature=tau, reduction="none"), s, up)
+                                           mask=mask, temperature=tau, reduction="none", **params),
+        s, up)
     if mask is not None:
         assert (value[~mask] == 0).all() and (grad[~mask] == 0).all()
     if return_stats:
-        _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), k, tau),
+        counted_tokens = tokens if mask is None else torch.where(mask, tokens, 0)
+        _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), k, tau,
+                                                        tokens=counted_tokens),
                      mask if mask is not None else None)
+
+
+@pytest.mark.parametrize("objective,params", OBJECTIVE_CASES, ids=CASE_IDS)
+def test_softcap_teacher_inf_and_split_rows(objective, params, split_rows):
+    """Soft-capping on either model (Gemma 2: 30; here small caps so it bites), a teacher with
+    -inf logits, temperature, and rows split across programs (the mixture pass too)."""
+    s, t = _logits(3, 700, seed=60, scale=6.0), _logits(3, 700, seed=61, scale=6.0)
+    t[0, :40] = float("-inf")
+    tokens = torch.tensor([3, 699, 350])
+    caps = dict(student_softcap=4.0, teacher_softcap=7.0)
+    ref = _per_position(objective, tokens, k=8, temperature=0.7, **caps, **params)
+    _check(lambda x: opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens, k=8,
+                                          temperature=0.7, reduction="none", **caps, **params,
+                                          **TRITON),
+           lambda x: ref(x, t), s)
+
+
+def test_softcap_statistics_and_single_model_ops():
+    s, t = _logits(4, 300, seed=62, scale=8.0), _logits(4, 300, seed=63, scale=8.0)
+    tokens = torch.tensor([0, 1, 2, 299])
+    capped = lambda z, c: reference.softcapped(z, c)
+    stats = opd_kernels.topk_overlap(s, t, k=8, tokens=tokens, student_softcap=5.0,
+                                     teacher_softcap=3.0, **TRITON)
+    _close_stats(stats, reference.topk_overlap(capped(s.double(), 5.0), capped(t.double(), 3.0), 8,
+                                               tokens=tokens))
+    _check(lambda x: opd_kernels.logsumexp(x, softcap=5.0, **TRITON),
+           lambda x: reference.logsumexp(capped(x, 5.0)), s)
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, softcap=5.0, **TRITON),
+           lambda x: reference.token_logprobs(capped(x, 5.0), tokens), s)
 
 
 @pytest.mark.parametrize("k", [1, 16, 64])
@@ -295,7 +338,7 @@ def test_topk_objective_ties_and_k(k):
     s, t = _tied(3, 100, seed=27), _logits(3, 100, seed=28)
     _, grad = _check(lambda x: opd_kernels.opd_loss(x, t, objective="topk", k=k, reduction="none",
                                                     **TRITON),
-                     lambda x: reference.topk_loss(x, t.to(x.dtype), k), s)
+                     lambda x: _per_position("topk", k=k)(x, t), s)
     assert ((grad != 0).sum(-1) <= k).all()  # the gradient lives on the k selected ids
 
 
@@ -308,8 +351,8 @@ def test_sampled_split_rows_with_stats(split_rows):
                                                 reduction="none", return_stats=True, **TRITON)
         return loss
 
-    _check(ours, lambda x: reference.sampled_loss(x, t.to(x.dtype), tokens), s)
-    _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), 16))
+    _check(ours, lambda x: _per_position("sampled", tokens)(x, t), s)
+    _close_stats(ours.stats, reference.topk_overlap(s.double(), t.double(), 16, tokens=tokens))
 
 
 def test_strided_rows_and_empty_batch():
@@ -334,4 +377,4 @@ def test_strided_tokens():
            lambda x: reference.token_logprobs(x, tokens), s)
     _check(lambda x: opd_kernels.opd_loss(x, t, objective="sampled", tokens=tokens,
                                           reduction="none", **TRITON),
-           lambda x: reference.sampled_loss(x, t.to(x.dtype), tokens), s)
+           lambda x: _per_position("sampled", tokens)(x, t), s)

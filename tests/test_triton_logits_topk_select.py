@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-import opd_kernels.ops  # noqa: F401  (the interpreter fix, before any launch)
+import opd_kernels.backends._interpreter_compat  # noqa: F401  (the interpreter fix, before any launch)
 from opd_kernels.kernels.topk_select import (MIN_KEY, block_can_enter, insert_topk, merge_sorted,
                                              merge_topk, no_keys, pack_keys, unpack_ids,
                                              unpack_values)

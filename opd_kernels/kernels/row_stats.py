@@ -10,12 +10,14 @@ vocabulary blocks of one row once (both models when a teacher is given) and keep
     c = sum_v e^{x_v - m} (x_v - m)                                         (WITH_STATS)
 and, with a teacher,
     a = sum_v e^{xs_v - m_s} ((xs_v - m_s) - (xt_v - m_t))
+    b = sum_v e^{xt_v - m_t} ((xt_v - m_t) - (xs_v - m_s))
 plus the running top-K_PAD packed keys of the raw logits z (WITH_TOPK; ``insert_topk`` of
 topk_select: a block costs one max and one min reduction unless some of its keys enter, and a
 tie goes to the lower id, as in the reference's stable sort).
 Then
     H(p)       = -sum p log p = log s - c / s
     KL(p || q) = sum p (log p - log q) = a / s_s - log s_s + log s_t
+    KL(q || p) = b / s_t - log s_t + log s_s
 (log p_v = x_v - m_s - log s_s, log q_v = xt_v - m_t - log s_t). The terms are centered on the
 running maxima, so rows of logits near +-1e4 lose nothing to cancellation (the uncentered
 sum p x would be ~1e4 and H or KL its small difference with lse).
@@ -23,16 +25,19 @@ sum p x would be ~1e4 and H or KL its small difference with lse).
 When a max moves from m to m', every old term e^{x - m} d picks up the factor
 alpha = e^{m - m'} and its centered value shifts by the constant m - m':
     s <- alpha s,   c <- alpha (c + s (m - m')),
-    a <- alpha_s (a + s_s ((m_s - m_s') - (m_t - m_t')))
-(``_moved``). Each lane of the block keeps its own state over the loop (``_lane_step``: one
-new value a step, so alpha and e^{x - m'} come from the one exp e^{-|x - m|}), and no
+    a <- alpha_s (a + s_s ((m_s - m_s') - (m_t - m_t'))),  b likewise with s and t swapped
+(``moved`` of online_softmax.py). Each lane of the block keeps its own state over the loop
+(``lane_step``: one new value a step, so alpha and e^{x - m'} come from the one exp
+e^{-|x - m|}), and no
 reduction runs inside the loop: the lanes are folded once at the end (``_reduce_state``), and
 the splits' states are folded the same way in ``row_stats_finalize_kernel`` (deterministic:
 no atomics, no locks).
 
 Every 0 * inf is guarded: lanes with e^{x - m} = 0 (z = -inf, or outside the vocabulary) add
 nothing; a max still at -inf is replaced by 0 as the reference so no -inf - (-inf) appears.
-A teacher -inf where the student has mass makes a = +inf, hence KL = +inf (as the math says).
+A teacher -inf where the student has mass makes a = +inf, hence KL = +inf (as the math says);
+likewise b for the forward KL. Soft-capped models (cap > 0, a runtime scalar) are capped on
+load, so everything above, the top-k keys included, sees the capped logits.
 
 ``row_stats_finalize_kernel``, grid (rows,): merges the splits and writes, field-major into
 out[FIELD, row]: lse (and its parts m, log s) of both models, KL, the token log-probs x_y - lse
@@ -48,78 +53,45 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
+from opd_kernels.kernels.online_softmax import (lane_step, max_shift, moved, reference_max,
+                                                softcapped)
 from opd_kernels.kernels.topk_select import (MIN_KEY, insert_topk, no_keys, pack_keys, unpack_ids,
                                              unpack_values)
 
 # Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output. lse = max + logsum is kept split
 # too: near |z| = 1e4 an fp32 lse is off by ~1e-3, so log p = (x - max) - logsum is computed
 # from the parts (in the backward as well) to keep p to fp32 precision.
-FIELDS = ("lse_s", "lse_t", "max_s", "max_t", "logsum_s", "logsum_t", "kl", "student_logprob",
-          "teacher_logprob", "student_entropy", "teacher_entropy", "overlap", "student_mass",
-          "teacher_mass", "overlap_advantage")
+FIELDS = ("lse_s", "lse_t", "max_s", "max_t", "logsum_s", "logsum_t", "kl", "forward_kl",
+          "student_logprob", "teacher_logprob", "student_entropy", "teacher_entropy", "overlap",
+          "student_mass", "teacher_mass", "overlap_advantage")
 NUM_FIELDS = tl.constexpr(len(FIELDS))
-(_LSE_S, _LSE_T, _MAX_S, _MAX_T, _LOGSUM_S, _LOGSUM_T, _KL, _LOGPROB_S, _LOGPROB_T, _H_S, _H_T,
- _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE) = (tl.constexpr(i) for i in range(len(FIELDS)))
-# Per (row, split) partial state: m_s, s_s, c_s, m_t, s_t, c_t, a.
-NUM_STATE = tl.constexpr(7)
+(_LSE_S, _LSE_T, _MAX_S, _MAX_T, _LOGSUM_S, _LOGSUM_T, _KL, _FORWARD_KL, _LOGPROB_S, _LOGPROB_T,
+ _H_S, _H_T, _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE) = (tl.constexpr(i) for i in range(len(FIELDS)))
+# Per (row, split) partial state: m_s, s_s, c_s, m_t, s_t, c_t, a, b.
+NUM_STATE = tl.constexpr(8)
 
 
 @triton.jit
-def _reference_max(m):
-    """The max to center on: 0 while no finite value has been seen (avoids -inf - -inf)."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _moved(acc, alpha, s_old, shift):
-    """alpha * (acc + s_old * shift): an accumulator of e^{x - m} * (centered value) moved to a
-    new max. s_old = 0 means nothing was accumulated (and shift may be infinite); alpha = 0 means
-    the old terms vanish against the new max."""
-    moved = acc + tl.where(s_old > 0, s_old * shift, 0.0)
-    return tl.where(alpha > 0, alpha * moved, 0.0)
-
-
-@triton.jit
-def _max_shift(m_old, m_new):
-    """m_old - m_new, 0 when the max did not move (-inf included)."""
-    return tl.where(m_old == m_new, 0.0, m_old - m_new)
-
-
-@triton.jit
-def _lane_step(x, m):
-    """One new value x per lane into a lane's running (m, s): with one exp, e^{-|x - m|}.
-    Returns the new max, the factor alpha on the old terms, e^{x - m_new}, the max shift
-    m_old - m_new, and the centered value x - m_new (-inf where x = -inf)."""
-    grow = x > m
-    d = tl.where(grow, m - x, x - m)
-    t = tl.exp(tl.where(x == float("-inf"), float("-inf"), d))
-    alpha = tl.where(grow, t, 1.0)
-    e = tl.where(grow, 1.0, t)
-    shift = tl.where(grow, d, 0.0)
-    centered = tl.where(grow, 0.0, tl.where(x == float("-inf"), float("-inf"), d))
-    return tl.maximum(m, x), alpha, e, shift, centered
-
-
-@triton.jit
-def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, WITH_STATS: tl.constexpr,
+def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b, WITH_STATS: tl.constexpr,
                   HAS_TEACHER: tl.constexpr):
     """Partial states held along axis 0 (lanes of a block, or splits of a row) -> one state."""
     max_s = tl.max(m_s, axis=0)
-    alpha_s = tl.exp(m_s - _reference_max(max_s))
-    shift_s = _max_shift(m_s, max_s)
+    alpha_s = tl.exp(m_s - reference_max(max_s))
+    shift_s = max_shift(m_s, max_s)
     if WITH_STATS:
-        c_s = tl.sum(_moved(c_s, alpha_s, s_s, shift_s), axis=0)
+        c_s = tl.sum(moved(c_s, alpha_s, s_s, shift_s), axis=0)
     if HAS_TEACHER:
         max_t = tl.max(m_t, axis=0)
-        alpha_t = tl.exp(m_t - _reference_max(max_t))
-        shift_t = _max_shift(m_t, max_t)
-        a = tl.sum(_moved(a, alpha_s, s_s, shift_s - shift_t), axis=0)
+        alpha_t = tl.exp(m_t - reference_max(max_t))
+        shift_t = max_shift(m_t, max_t)
+        a = tl.sum(moved(a, alpha_s, s_s, shift_s - shift_t), axis=0)
+        b = tl.sum(moved(b, alpha_t, s_t, shift_t - shift_s), axis=0)
         if WITH_STATS:
-            c_t = tl.sum(_moved(c_t, alpha_t, s_t, shift_t), axis=0)
+            c_t = tl.sum(moved(c_t, alpha_t, s_t, shift_t), axis=0)
         s_t = tl.sum(s_t * alpha_t, axis=0)
         m_t = max_t
     s_s = tl.sum(s_s * alpha_s, axis=0)
-    return max_s, s_s, c_s, m_t, s_t, c_t, a
+    return max_s, s_s, c_s, m_t, s_t, c_t, a, b
 
 
 @triton.heuristics({
@@ -131,7 +103,7 @@ def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, WITH_STATS: tl.constexpr,
 @triton.jit
 def row_stats_partial_kernel(
     student_ptr, teacher_ptr, mask_ptr, state_ptr, keys_ptr,
-    n_vocab, stride_s, stride_t, blocks_per_split, inv_tau,
+    n_vocab, stride_s, stride_t, blocks_per_split, inv_tau, cap_s, cap_t,
     BLOCK_V: tl.constexpr, K_PAD: tl.constexpr,
     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, WITH_TOPK: tl.constexpr,
     WITH_STATS: tl.constexpr,
@@ -153,23 +125,28 @@ def row_stats_partial_kernel(
     s_t = tl.zeros([BLOCK_V], tl.float32)
     c_t = tl.zeros([BLOCK_V], tl.float32)
     a = tl.zeros([BLOCK_V], tl.float32)
+    b = tl.zeros([BLOCK_V], tl.float32)
     keys_s = no_keys(K_PAD)
     keys_t = no_keys(K_PAD)
     for block in range(block_begin, block_end):
         offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
         in_vocab = offs < n_vocab
         z_s = tl.load(student_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        m_s_new, alpha_s, e_s, shift_s, d_s = _lane_step(z_s * inv_tau, m_s)
+        z_s = tl.where(in_vocab, softcapped(z_s, cap_s), float("-inf"))
+        m_s_new, alpha_s, e_s, shift_s, d_s = lane_step(z_s * inv_tau, m_s)
         if WITH_STATS:
-            c_s = _moved(c_s, alpha_s, s_s, shift_s) + tl.where(e_s > 0, e_s * d_s, 0.0)
+            c_s = moved(c_s, alpha_s, s_s, shift_s) + tl.where(e_s > 0, e_s * d_s, 0.0)
         if HAS_TEACHER:
             z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
                           other=float("-inf")).to(tl.float32)
-            m_t, alpha_t, e_t, shift_t, d_t = _lane_step(z_t * inv_tau, m_t)
-            a = (_moved(a, alpha_s, s_s, shift_s - shift_t)
+            z_t = tl.where(in_vocab, softcapped(z_t, cap_t), float("-inf"))
+            m_t, alpha_t, e_t, shift_t, d_t = lane_step(z_t * inv_tau, m_t)
+            a = (moved(a, alpha_s, s_s, shift_s - shift_t)
                  + tl.where(e_s > 0, e_s * (d_s - d_t), 0.0))
+            b = (moved(b, alpha_t, s_t, shift_t - shift_s)
+                 + tl.where(e_t > 0, e_t * (d_t - d_s), 0.0))
             if WITH_STATS:
-                c_t = _moved(c_t, alpha_t, s_t, shift_t) + tl.where(e_t > 0, e_t * d_t, 0.0)
+                c_t = moved(c_t, alpha_t, s_t, shift_t) + tl.where(e_t > 0, e_t * d_t, 0.0)
             s_t = s_t * alpha_t + e_t
         s_s = s_s * alpha_s + e_s
         m_s = m_s_new
@@ -180,8 +157,8 @@ def row_stats_partial_kernel(
             if WITH_STATS:
                 keys_t = insert_topk(keys_t, tl.where(in_vocab, pack_keys(z_t, offs), MIN_KEY))
 
-    m_s, s_s, c_s, m_t, s_t, c_t, a = _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, WITH_STATS,
-                                                     HAS_TEACHER)
+    m_s, s_s, c_s, m_t, s_t, c_t, a, b = _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b,
+                                                        WITH_STATS, HAS_TEACHER)
     # Fields a pass does not compute stay unwritten; the finalize kernel does not read them.
     state = state_ptr + slot * NUM_STATE
     tl.store(state + 0, m_s)
@@ -193,6 +170,7 @@ def row_stats_partial_kernel(
         tl.store(state + 3, m_t)
         tl.store(state + 4, s_t)
         tl.store(state + 6, a)
+        tl.store(state + 7, b)
     if WITH_TOPK:
         offs_k = tl.arange(0, K_PAD)
         tl.store(keys_ptr + (slot * 2) * K_PAD + offs_k, keys_s)
@@ -247,7 +225,7 @@ def _overlap_stats(keys_s, keys_t, m_s, log_s_s, m_t, log_s_t, k, inv_tau, K_PAD
 @triton.jit
 def row_stats_finalize_kernel(
     state_ptr, keys_ptr, student_ptr, teacher_ptr, tokens_ptr, mask_ptr, out_ptr, top_ids_ptr,
-    n_rows, n_splits, stride_s, stride_t, inv_tau, k,
+    n_rows, n_splits, stride_s, stride_t, inv_tau, cap_s, cap_t, k,
     SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HAS_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TOKENS: tl.constexpr,
     WITH_TOPK: tl.constexpr, WITH_STATS: tl.constexpr,
@@ -262,12 +240,13 @@ def row_stats_finalize_kernel(
         splits = tl.arange(0, SPLITS_PAD)
         state = state_ptr + (row.to(tl.int64) * n_splits + splits) * NUM_STATE
         real = splits < n_splits
-        m_s, s_s, c_s, m_t, s_t, c_t, a = _reduce_state(
+        m_s, s_s, c_s, m_t, s_t, c_t, a, b = _reduce_state(
             tl.load(state + 0, mask=real, other=float("-inf")),
             tl.load(state + 1, mask=real, other=0.0), tl.load(state + 2, mask=real, other=0.0),
             tl.load(state + 3, mask=real, other=float("-inf")),
             tl.load(state + 4, mask=real, other=0.0), tl.load(state + 5, mask=real, other=0.0),
-            tl.load(state + 6, mask=real, other=0.0), WITH_STATS, HAS_TEACHER)
+            tl.load(state + 6, mask=real, other=0.0), tl.load(state + 7, mask=real, other=0.0),
+            WITH_STATS, HAS_TEACHER)
         if WITH_TOPK:
             keys = keys_ptr + row.to(tl.int64) * n_splits * 2 * K_PAD
             keys_s = tl.load(keys + offs_k)
@@ -290,7 +269,8 @@ def row_stats_finalize_kernel(
         tl.store(out + _LOGSUM_S * n_rows, log_s_s)
         if HAS_TOKENS:
             token = tl.load(tokens_ptr + row)
-            z_y = tl.load(student_ptr + row.to(tl.int64) * stride_s + token).to(tl.float32)
+            z_y = softcapped(tl.load(student_ptr + row.to(tl.int64) * stride_s + token).to(tl.float32),
+                             cap_s)
             tl.store(out + _LOGPROB_S * n_rows, (z_y * inv_tau - m_s) - log_s_s)
         if HAS_TEACHER:
             log_s_t = tl.log(s_t)
@@ -298,8 +278,10 @@ def row_stats_finalize_kernel(
             tl.store(out + _MAX_T * n_rows, m_t)
             tl.store(out + _LOGSUM_T * n_rows, log_s_t)
             tl.store(out + _KL * n_rows, a / s_s - log_s_s + log_s_t)
+            tl.store(out + _FORWARD_KL * n_rows, b / s_t - log_s_t + log_s_s)
             if HAS_TOKENS:
-                z_y = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32)
+                z_y = softcapped(
+                    tl.load(teacher_ptr + row.to(tl.int64) * stride_t + token).to(tl.float32), cap_t)
                 tl.store(out + _LOGPROB_T * n_rows, (z_y * inv_tau - m_t) - log_s_t)
         if WITH_TOPK:
             tl.store(top_ids_ptr + row.to(tl.int64) * k + offs_k, unpack_ids(keys_s).to(tl.int64),
@@ -332,7 +314,7 @@ def _partial_spec(dtype, label, teacher=True, mask=False, k_pad=0, block_v=2048,
                  "mask_ptr": "*i1" if mask else "constexpr", "state_ptr": "*fp32",
                  "keys_ptr": "*i64" if k_pad else "constexpr",
                  "n_vocab": "i32", "stride_s": "i32", "stride_t": "i32",
-                 "blocks_per_split": "i32", "inv_tau": "fp32",
+                 "blocks_per_split": "i32", "inv_tau": "fp32", "cap_s": "fp32", "cap_t": "fp32",
                  "BLOCK_V": "constexpr", "K_PAD": "constexpr", "HAS_TEACHER": "constexpr",
                  "HAS_MASK": "constexpr", "WITH_TOPK": "constexpr", "WITH_STATS": "constexpr"}
     constexprs = {"BLOCK_V": block_v, "K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher,
@@ -352,7 +334,8 @@ def _finalize_spec(dtype, label, teacher=True, mask=False, tokens=False, k_pad=0
                  "mask_ptr": "*i1" if mask else "constexpr", "out_ptr": "*fp32",
                  "top_ids_ptr": "*i64" if k_pad else "constexpr",
                  "n_rows": "i32", "n_splits": "i32", "stride_s": "i32", "stride_t": "i32",
-                 "inv_tau": "fp32", "k": "i32", "SPLITS_PAD": "constexpr",
+                 "inv_tau": "fp32", "cap_s": "fp32", "cap_t": "fp32", "k": "i32",
+                 "SPLITS_PAD": "constexpr",
                  "K_PAD": "constexpr", "HAS_TEACHER": "constexpr", "HAS_MASK": "constexpr",
                  "HAS_TOKENS": "constexpr", "WITH_TOPK": "constexpr", "WITH_STATS": "constexpr"}
     constexprs = {"SPLITS_PAD": 8, "K_PAD": max(k_pad, 1), "HAS_TEACHER": teacher, "HAS_MASK": mask,

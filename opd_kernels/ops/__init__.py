@@ -1,2 +1,1 @@
-"""Launchers and autograd Functions of the Triton backend."""
-from . import _interpreter_compat  # noqa: F401  (before any kernel launch under TRITON_INTERPRET=1)
+"""Launchers of the fused-linear Triton backend while it moves to opd_kernels.backends."""
