@@ -4,13 +4,18 @@ Each function takes [N, V] logits, upcasts them to fp32 as training code does (`
 and returns per-row values (topk_overlap: a tuple of the statistics' tensors, which
 torch.compile can trace). Top-k selection uses ``torch.topk`` rather than the reference's stable
 sort: a user would, and a full sort would make the baseline look slower than it needs to be.
+An objective's baseline is its own declared ``reference`` (opd_kernels.objectives) on the fp32
+logits, so every registered objective has one with no code here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from opd_kernels.objectives import Need
 from opd_kernels.reference import linear_logits
+
+from .registry import OPS, Case, ObjectiveOp
 
 
 def _log_probs(logits, temperature):
@@ -28,19 +33,6 @@ def token_logprobs(logits, tokens, temperature):
 def reverse_kl(student, teacher, temperature):
     log_p, log_q = _log_probs(student, temperature), _log_probs(teacher, temperature)
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-
-
-def sampled_loss(student, teacher, tokens, temperature):
-    log_p_y = token_logprobs(student, tokens, temperature)
-    reward = (token_logprobs(teacher, tokens, temperature) - log_p_y).detach()
-    return -reward * log_p_y
-
-
-def topk_loss(student, teacher, k, temperature):
-    support = torch.topk(student.detach(), k, dim=-1).indices
-    log_p_bar = _log_probs(student.gather(-1, support), temperature)
-    log_q_bar = _log_probs(teacher.gather(-1, support), temperature)
-    return F.kl_div(log_q_bar, log_p_bar, reduction="none", log_target=True).sum(-1)
 
 
 def topk_overlap(student, teacher, k, temperature):
@@ -64,22 +56,41 @@ def topk_overlap(student, teacher, k, temperature):
     return (n_shared.float() / k, student_mass, teacher_mass, advantage, h_p, h_q, (h_q - h_p).abs())
 
 
-_KL = lambda s, t, y, k, tau: reverse_kl(s, t, tau)  # noqa: E731  (one object: one compile)
 LOGITS_OPS = {
     "logsumexp": lambda s, t, y, k, tau: logsumexp(s, tau),
     "token_logprobs": lambda s, t, y, k, tau: token_logprobs(s, y, tau),
-    "reverse_kl": _KL,
+    "reverse_kl": lambda s, t, y, k, tau: reverse_kl(s, t, tau),
     "topk_overlap": lambda s, t, y, k, tau: topk_overlap(s, t, k, tau),
-    "opd_full": _KL,
-    "opd_sampled": lambda s, t, y, k, tau: sampled_loss(s, t, y, tau),
-    "opd_topk": lambda s, t, y, k, tau: topk_loss(s, t, k, tau),
 }
-"""op -> f(student_logits, teacher_logits, tokens, k, temperature) -> per-row output."""
+"""standalone op -> f(student_logits, teacher_logits, tokens, k, temperature) -> per-row output."""
+
+_OBJECTIVE_BASELINES: dict = {}
 
 
-def fused_inputs(op: str, student_hidden, student_weight, teacher_hidden, teacher_weight):
-    """The materialized logits a user computes before the loss (the teacher's only if used)."""
+def objective_baseline(objective: ObjectiveOp):
+    """f(student_logits, teacher_logits, tokens, k, temperature): the objective's reference on
+    the fp32 logits. One function object per objective and parameters (one torch.compile each)."""
+    if objective not in _OBJECTIVE_BASELINES:
+        spec, params = objective.spec, objective.kwargs
+        tokens_needed = Need.TOKENS in objective.needs
+
+        def fn(s, t, y, k, tau):
+            return spec.reference(s.float(), t.float(), tokens=y if tokens_needed else None, k=k,
+                                  temperature=tau, **params)
+        _OBJECTIVE_BASELINES[objective] = fn
+    return _OBJECTIVE_BASELINES[objective]
+
+
+def logits_op(op: str):
+    """The baseline of any op of the registry."""
+    objective = OPS[op]
+    return LOGITS_OPS[op] if objective is None else objective_baseline(objective)
+
+
+def fused_inputs(case: Case, student_hidden, student_weight, teacher_hidden, teacher_weight):
+    """The materialized logits a user computes before the loss (the teacher's only if used:
+    every objective reads the teacher, the single-model ops do not)."""
     student = linear_logits(student_hidden, student_weight)
-    if op in ("logsumexp", "token_logprobs"):
+    if case.op in ("logsumexp", "token_logprobs"):
         return student, None
     return student, linear_logits(teacher_hidden, teacher_weight)

@@ -65,6 +65,7 @@ def check_case(op: str, form: str, dtype: torch.dtype, device, n: int, vocab: in
     """[(quantity, error, tolerance)] for one op in one form and dtype."""
     import opd_kernels as ok
     from opd_kernels import reference as R
+    from opd_kernels.objectives import Need
 
     from .registry import OPS
     from .workloads import correlated_teacher
@@ -73,7 +74,7 @@ def check_case(op: str, form: str, dtype: torch.dtype, device, n: int, vocab: in
     randn = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
     mask = torch.rand(n, generator=g) > 0.3
     tokens = torch.randint(0, vocab, (n,), generator=g)
-    objective = OPS[op]
+    objective = OPS[op]  # an ObjectiveOp, or None for a standalone op
     if form == "logits":
         leaves64 = [randn(n, vocab, scale=3.0)]
         teacher64 = leaves64[0] + randn(n, vocab)
@@ -117,9 +118,14 @@ def check_case(op: str, form: str, dtype: torch.dtype, device, n: int, vocab: in
         ours = getattr(ok, prefix + "reverse_kl")(*args, mask=dev_mask, reduction="none", **kw)
         ref = R.reduce(R.reverse_kl(ref_student, ref_teacher, tau), mask, "none")
     else:
-        ours = getattr(ok, prefix + "opd_loss")(*args, objective=objective, tokens=dev_tokens, k=k,
-                                                mask=dev_mask, reduction="none", **kw)
-        ref = R.opd_loss(ref_student, ref_teacher, objective, tokens, k, mask, tau, "none")
+        # tokens only where the objective declares it needs them: the path the suite times
+        needs_tokens = Need.TOKENS in objective.needs
+        ours = getattr(ok, prefix + "opd_loss")(*args, objective=objective.name,
+                                                tokens=dev_tokens if needs_tokens else None, k=k,
+                                                mask=dev_mask, reduction="none", **objective.kwargs,
+                                                **kw)
+        ref = R.opd_loss(ref_student, ref_teacher, objective.name, tokens if needs_tokens else None,
+                         k, mask, tau, "none", **objective.kwargs)
     upstream = randn(n)
     grads = torch.autograd.grad(ours, ours_leaves, upstream.to(device, ours.dtype))
     ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
         sys.exit("Triton on CPU tensors needs TRITON_INTERPRET=1 set before Python starts")
 
     failures, total = 0, 0
-    print(f"{'op':<15} {'form':<7} {'dtype':<5} {'quantity':<18} {'error':>10} {'tol':>8}  verdict")
+    print(f"{'op':<17} {'form':<7} {'dtype':<5} {'quantity':<18} {'error':>10} {'tol':>8}  verdict")
     for form in args.forms:
         for op in args.ops:
             for name in args.dtypes:
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
                     ok = err <= tol
                     failures += not ok
                     total += 1
-                    print(f"{op:<15} {form:<7} {name:<5} {quantity:<18} {err:>10.2e} {tol:>8.0e}  "
+                    print(f"{op:<17} {form:<7} {name:<5} {quantity:<18} {err:>10.2e} {tol:>8.0e}  "
                           f"{'ok' if ok else 'FAIL'}", flush=True)
     print(f"correctness: {total - failures} passed, {failures} failed")
     return 1 if failures else 0

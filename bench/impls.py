@@ -37,7 +37,8 @@ def _ours(backend: str):
         import opd_kernels as ok
 
         kw = {"temperature": tau, "backend": backend}
-        tokens = x.tokens if case.objective == "sampled" else None
+        tokens = x.tokens if case.needs_tokens else None  # tokens add work where not needed
+        params = case.objective_params
         if case.form == "logits":
             s, t = x.student, x.teacher
             return {
@@ -46,7 +47,7 @@ def _ours(backend: str):
                 "reverse_kl": lambda: ok.reverse_kl(s, t, **kw),
                 "topk_overlap": lambda: ok.topk_overlap(s, t, k=k, **kw),
             }.get(case.op, lambda: ok.opd_loss(s, t, objective=case.objective, tokens=tokens,
-                                               k=k, **kw))
+                                               k=k, **params, **kw))
         hs, ws, ht, wt = x.student, x.student_weight, x.teacher, x.teacher_weight
         return {
             "logsumexp": lambda: ok.fused_linear_logsumexp(hs, ws, **kw),
@@ -54,7 +55,7 @@ def _ours(backend: str):
             "reverse_kl": lambda: ok.fused_linear_reverse_kl(hs, ws, ht, wt, **kw),
             "topk_overlap": lambda: ok.fused_linear_topk_overlap(hs, ws, ht, wt, k=k, **kw),
         }.get(case.op, lambda: ok.fused_linear_opd_loss(hs, ws, ht, wt, objective=case.objective,
-                                                       tokens=tokens, k=k, **kw))
+                                                       tokens=tokens, k=k, **params, **kw))
     return build
 
 
@@ -69,31 +70,40 @@ def _compiled(fn):
 
 
 def _pytorch(compiled: bool):
-    """Eager (or torch.compile of) the natural code. In the fused form the lm_head matmuls run
-    eagerly (cuBLAS either way) and the compiled part is the loss on the materialized logits."""
+    """Eager (or torch.compile of) the natural code: for an objective, its own ``reference`` on
+    materialized fp32 logits. In the fused form the lm_head matmuls run eagerly (cuBLAS either
+    way) and the compiled part is the loss on the materialized logits."""
     def build(case: Case, mode: str, x: Inputs, k: int, tau: float):
-        fn = baselines.LOGITS_OPS[case.op]
+        fn = baselines.logits_op(case.op)
         fn = _compiled(fn) if compiled else fn
         if case.form == "logits":
             return lambda: fn(x.student, x.teacher, x.tokens, k, tau)
 
         def fused():
-            s, t = baselines.fused_inputs(case.op, x.student, x.student_weight, x.teacher,
+            s, t = baselines.fused_inputs(case, x.student, x.student_weight, x.teacher,
                                           x.teacher_weight)
             return fn(s, t, x.tokens, k, tau)
         return fused
     return build
 
 
-_KL_OPS = ("reverse_kl", "opd_full")
-
-
 def _scaled(z, tau):
     return z if tau == 1.0 else z / tau
 
 
+# The peers below compute KL(student || teacher): the standalone reverse_kl op, and the objective
+# that is that KL. Which objective that is, is a fact about the peers, checked against the
+# declarations by the tests (reverse_kl is the "full" objective's reference).
+PEER_KL_OBJECTIVE = "full"
+
+
+def _is_reverse_kl(case: Case) -> bool:
+    return case.op == "reverse_kl" or (case.objective == PEER_KL_OBJECTIVE
+                                       and case.objective_op.params == ())
+
+
 def _kl_in(form):
-    return lambda case, mode, tau: case.form == form and case.op in _KL_OPS
+    return lambda case, mode, tau: case.form == form and _is_reverse_kl(case)
 
 
 def _liger_jsd(case, mode, x, k, tau):

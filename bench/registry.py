@@ -1,7 +1,11 @@
 """What the suite measures: model shapes, token counts, the ops and the presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from opd_kernels import objectives
+from opd_kernels.objectives import Need
 
 
 @dataclass(frozen=True)
@@ -24,16 +28,55 @@ MODELS = {m.name: m for m in (QWEN, LLAMA, GEMMA, CPU_SMALL, TINY)}
 
 TOKEN_COUNTS = (1024, 4096, 8192, 16384)
 
-# op name -> opd_loss objective (None: a standalone op).
-OPS = {
-    "logsumexp": None,
-    "token_logprobs": None,
-    "reverse_kl": None,
-    "topk_overlap": None,
-    "opd_full": "full",
-    "opd_sampled": "sampled",
-    "opd_topk": "topk",
-}
+@dataclass(frozen=True)
+class ObjectiveOp:
+    """An opd_loss objective (a name of opd_kernels.objectives) at given parameters (the
+    declared defaults for the others); what it needs is read from the declaration."""
+
+    name: str
+    params: tuple = ()  # ((param, value), ...): hashable
+
+    @property
+    def spec(self):
+        return objectives.get(self.name)
+
+    @property
+    def kwargs(self) -> dict:
+        """Every declared parameter, defaults filled in."""
+        return self.spec.check_params(dict(self.params))
+
+    @property
+    def needs(self) -> frozenset:
+        return self.spec.needs(self.kwargs)
+
+
+# The standalone ops (None: not an objective).
+STANDALONE = ("logsumexp", "token_logprobs", "reverse_kl", "topk_overlap")
+
+
+def _value_name(value: float) -> str:
+    return f"{value:g}".replace(".", "p").replace("-", "m")
+
+
+def objective_ops() -> dict:
+    """op name -> ObjectiveOp: ``opd_<name>`` for every registered objective at its defaults,
+    then, for each finite end of a declared parameter's range, ``opd_<name>_<param><value>``
+    (the jsd at beta = 0 and 1, its special-cased endpoints). Only the former are in the
+    presets; the latter are for ``--ops`` and the correctness check."""
+    ops, ends = {}, {}
+    for name in objectives.names():
+        ops[f"opd_{name}"] = ObjectiveOp(name)
+        for param, spec in objectives.get(name).params.items():
+            for value in (spec.low, spec.high):
+                if math.isfinite(value) and value != spec.default:
+                    ends[f"opd_{name}_{param}{_value_name(value)}"] = ObjectiveOp(name, ((param, value),))
+    return {**ops, **ends}
+
+
+# op name -> ObjectiveOp (None: a standalone op).
+OPS = {**{op: None for op in STANDALONE}, **objective_ops()}
+# The ops the presets time: the standalone ones and each objective at its defaults.
+PRESET_OPS = tuple(op for op, o in OPS.items() if o is None or not o.params)
 FORMS = ("logits", "fused")
 MODES = ("fwd", "fwd+bwd")
 
@@ -49,8 +92,26 @@ class Case:
     n: int
 
     @property
-    def objective(self) -> str | None:
+    def objective_op(self) -> ObjectiveOp | None:
         return OPS[self.op]
+
+    @property
+    def objective(self) -> str | None:
+        """The objective's name (None: a standalone op)."""
+        return None if OPS[self.op] is None else OPS[self.op].name
+
+    @property
+    def objective_params(self) -> dict:
+        return {} if OPS[self.op] is None else OPS[self.op].kwargs
+
+    @property
+    def needs(self) -> frozenset:
+        """What the objective needs (objectives.Need); empty for a standalone op."""
+        return frozenset() if OPS[self.op] is None else OPS[self.op].needs
+
+    @property
+    def needs_tokens(self) -> bool:
+        return Need.TOKENS in self.needs
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -61,7 +122,7 @@ class Case:
         return f"{self.op}/{self.form}/{self.model.name}/N={self.n}"
 
 
-def grid(models, token_counts, ops=tuple(OPS), forms=FORMS) -> list[Case]:
+def grid(models, token_counts, ops=PRESET_OPS, forms=FORMS) -> list[Case]:
     return [Case(op, form, model, n) for model in models for n in token_counts
             for form in forms for op in ops]
 

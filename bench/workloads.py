@@ -6,13 +6,18 @@ is the lm_head FLOPs that cannot be avoided, counting each product once.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .registry import Case
+from opd_kernels import reference
+from opd_kernels.objectives import GradForm, Need
+
+from .registry import OPS, Case, ObjectiveOp
 
 
 @dataclass
@@ -77,40 +82,83 @@ def correlated_teacher(hidden, weight, teacher_hidden_size: int, randn):
     return teacher, teacher_weight
 
 
+# The standalone ops' passes: (forward reads, backward reads) of an [N, V] logits tensor.
+_STANDALONE_READS = {"logsumexp": (1, 1), "token_logprobs": (1, 1), "reverse_kl": (2, 2),
+                     "topk_overlap": (2, 0)}
+
+
+@functools.lru_cache(maxsize=None)
+def gradient_form(objective: ObjectiveOp) -> GradForm:
+    """The objective's declared gradient form (objectives.base), read off from_passes on a tiny
+    input: which of p, q enter dL/dx at every id."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(2, 8, generator=g, dtype=torch.float64)
+    tokens = torch.tensor([1, 2])
+    takes = inspect.signature(reference.pass_results).parameters  # the mixture's beta
+    results = reference.pass_results(s, t, objective.needs, tokens=tokens, k=2,
+                                     **{k: v for k, v in objective.kwargs.items() if k in takes})
+    return objective.spec.from_passes(results, **objective.kwargs)[1]
+
+
+def objective_reads(objective: ObjectiveOp) -> tuple[int, int]:
+    """(forward, backward) reads of an [N, V] logits tensor an objective cannot avoid.
+
+    Forward, from its needs: TEACHER_FULL reads both models at every id; SUPPORT alone reads the
+    student only (the teacher at k ids is negligible); MIXTURE is one more read of both (the
+    mixture sums need both final normalizers first). Backward, from its gradient form: a dense
+    gradient reads the student again (its softmax), and the teacher too where q enters it at
+    every id (the reverse, forward or mixture terms); a sparse-only gradient (k values a row)
+    reads neither.
+    """
+    needs = objective.needs
+    fwd = (2 if Need.TEACHER_FULL in needs else 1) + (2 if Need.MIXTURE in needs else 0)
+    grad = gradient_form(objective)
+    bwd = 0 if not grad.dense else 1 + bool(grad.reverse or grad.forward or grad.mixture)
+    return fwd, bwd
+
+
+def _reads(op: str) -> tuple[int, int]:
+    objective = OPS[op]
+    return _STANDALONE_READS[op] if objective is None else objective_reads(objective)
+
+
 def logits_floor_bytes(op: str, mode: str, n: int, vocab: int, itemsize: int) -> int:
     """Bytes of the logits each pass must read, plus the one gradient the backward writes.
 
     Forward: one read of every logits tensor the op depends on at every id (topk needs the
     teacher at k ids only). Backward: the dense gradient needs the student again (its softmax)
-    and, for full/reverse KL, the teacher too; topk's gradient is k values a row, so its
-    backward only writes the (mostly zero) gradient.
+    and, where the teacher's q enters it at every id (the KLs, the JSD), the teacher too; a
+    k-sparse gradient only writes the (mostly zero) gradient. See objective_reads.
     """
-    reads_fwd = {"logsumexp": 1, "token_logprobs": 1, "reverse_kl": 2, "topk_overlap": 2,
-                 "opd_full": 2, "opd_sampled": 2, "opd_topk": 1}[op]
-    reads_bwd = {"logsumexp": 1, "token_logprobs": 1, "reverse_kl": 2, "opd_full": 2,
-                 "opd_sampled": 1, "opd_topk": 0}
+    reads_fwd, reads_bwd = _reads(op)
     elements = n * vocab
     passes = reads_fwd
     if mode == "fwd+bwd":
-        passes += reads_bwd[op] + 1  # + the gradient written once
+        passes += reads_bwd + 1  # + the gradient written once
     return passes * elements * itemsize
 
 
 def fused_floor_flops(op: str, mode: str, n: int, vocab: int, hs: int, ht: int, k: int) -> int:
     """lm_head FLOPs no implementation can skip (each product counted once).
 
-    One model's logits cost 2NVH. logsumexp / token log-probs use the student only; KL, the
-    statistics, full and sampled need both models' full products; topk needs the student's
-    product (to find S) and the teacher's logits at k ids (2NkHt). Backward: a dense gradient
-    over the logits costs dh (2NVHs) plus dW (2NVHs); topk's k-sparse one costs 2NkHs each.
+    One model's logits cost 2NVH. logsumexp / token log-probs use the student only; KL and the
+    statistics both models' full products. An objective, from its needs: the student's product
+    always; the teacher's full product with TEACHER_FULL, else (SUPPORT alone) its logits at k ids
+    (2NkHt); MIXTURE recomputes both products in its second pass (the fused form keeps no logits).
+    Backward: a dense gradient over the logits costs dh (2NVHs) plus dW (2NVHs); a k-sparse one
+    2NkHs each.
     """
     student, teacher = 2 * n * vocab * hs, 2 * n * vocab * ht
+    objective = OPS[op]
     if op in ("logsumexp", "token_logprobs"):
         fwd, bwd = student, 2 * student
-    elif op == "opd_topk":
-        fwd, bwd = student + 2 * n * k * ht, 4 * n * k * hs
-    else:
+    elif objective is None:
         fwd, bwd = student + teacher, 2 * student
+    else:
+        needs = objective.needs
+        fwd = student + (teacher if Need.TEACHER_FULL in needs else 2 * n * k * ht)
+        fwd += (student + teacher) if Need.MIXTURE in needs else 0
+        bwd = 2 * student if gradient_form(objective).dense else 4 * n * k * hs
     return fwd + (bwd if mode == "fwd+bwd" else 0)
 
 

@@ -12,6 +12,9 @@ import time
 import numpy as np
 import torch
 
+from opd_kernels import objectives
+from opd_kernels.objectives import Need
+
 from . import config as config_mod
 from . import demo, task
 from .checkpoint import atomic_write_text, latest_checkpoint
@@ -73,8 +76,10 @@ def _pair(cfg, student_path: str, teacher_path: str) -> tuple:
     check_same_tokenizer(student_tok, teacher_tok)
     student_head, teacher_head = output_head(student, "student"), output_head(teacher, "teacher")
     vocab_size = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
-    if cfg.k > vocab_size and (cfg.objective == "topk"):
-        raise UsageError(f"--objective topk with --k {cfg.k}: the models share only {vocab_size} ids")
+    objective = objectives.get(cfg.objective)
+    if cfg.k > vocab_size and Need.SUPPORT in objective.needs(objective.check_params(cfg.objective_params)):
+        raise UsageError(f"--objective {cfg.objective} (over the student's top-k) with --k {cfg.k}: "
+                         f"the models share only {vocab_size} ids")
     if len(student_tok) > vocab_size:
         raise UsageError(f"the tokenizer has {len(student_tok)} tokens but one model scores only "
                          f"{vocab_size}: the objective cannot compare the rest")

@@ -15,10 +15,26 @@ from typing import Optional
 
 import torch
 
+from opd_kernels import objectives
+
 from .errors import UsageError
 
-OBJECTIVES = ("full", "sampled", "topk")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def declared_param(param: str) -> tuple:
+    """(the Param that the registered objectives declare under this name, their names), read
+    from opd_kernels.objectives. Objectives sharing a parameter name must agree on it (one option)."""
+    specs = {name: objectives.get(name).params[param] for name in objectives.names()
+             if param in objectives.get(name).params}
+    if len(set(specs.values())) != 1:
+        raise RuntimeError(f"objective parameter {param!r} is declared {len(specs)} ways: {specs}")
+    return next(iter(specs.values())), tuple(specs)
+
+
+# The objectives' parameters that are options here: one Config field each, whose default, range
+# and --help come from the declarations.
+OBJECTIVE_PARAMS = ("beta",)
 
 
 @dataclass
@@ -29,6 +45,7 @@ class Config:
     eval_file: Optional[str] = None
     objective: str = "topk"
     k: int = 16
+    beta: float = declared_param("beta")[0].default  # only for the objectives declaring it (jsd)
     temperature: float = 1.0
     rollouts_per_prompt: int = 4
     max_new_tokens: int = 512
@@ -61,6 +78,12 @@ class Config:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def objective_params(self) -> dict:
+        """The options the chosen objective declares (e.g. jsd's beta), and only those."""
+        return {name: getattr(self, name) for name in objectives.get(self.objective).params}
+
+
 
 # The embedded demonstration's settings where they differ from the real-model defaults: small
 # models take a larger learning rate (after a short warmup; 2e-3 diverged) and small, many steps.
@@ -75,8 +98,10 @@ HELP = {
     "teacher": "teacher model: Hugging Face folder or hub id",
     "prompts": "JSONL file, one object a line: {\"prompt\": str, \"answer\": str (optional)}",
     "eval_file": "held-out JSONL prompts with answers, for accuracy before and after",
-    "objective": "OPD objective: full reverse KL, sampled-token reward, or top-k (paper's default)",
-    "k": "top-k size (objective topk and the overlap diagnostics)",
+    "objective": "OPD objective (opd_kernels.objectives): "
+                 + "; ".join(f"{name}: {objectives.get(name).summary}"
+                             for name in objectives.names()).replace("%", "%%"),  # argparse formats help
+    "k": "top-k size (the objectives over the student's top-k, and the overlap diagnostics)",
     "temperature": "softmax temperature of both models, also the sampling temperature",
     "rollouts_per_prompt": "student samples per prompt",
     "max_new_tokens": "response length limit",
@@ -104,6 +129,15 @@ HELP = {
 }
 
 
+def _param_help(param: str) -> str:
+    spec, users = declared_param(param)
+    return (f"{param} of objective {', '.join(users)}: a number in [{spec.low:g}, {spec.high:g}] "
+            f"(default {spec.default:g}); the other objectives take no {param}")
+
+
+HELP.update({param: _param_help(param) for param in OBJECTIVE_PARAMS})
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m opd_train",
@@ -117,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(f.type, str)
         kwargs = dict(type=kind, default=None, help=HELP[f.name])
         if f.name == "objective":
-            kwargs["choices"] = OBJECTIVES
+            kwargs["choices"] = objectives.names()
         if f.name == "dtype":
             kwargs["choices"] = ("auto", *DTYPES)
         p.add_argument(flag, **kwargs)
@@ -143,6 +177,12 @@ def from_args(argv) -> tuple:
             base.steps = args["steps"]
         return base, given
     cfg = Config(**{k: v for k, v in args.items() if v is not None})
+    takes = objectives.get(cfg.objective).params
+    for param in OBJECTIVE_PARAMS:
+        if param in given and param not in takes:
+            raise UsageError(f"--{param} is a parameter of objective "
+                             f"{', '.join(declared_param(param)[1])}; --objective {cfg.objective} "
+                             f"does not take it")
     if cfg.embedded:
         for name, value in EMBEDDED_DEFAULTS.items():
             if name not in given:
@@ -163,6 +203,10 @@ def resolve(cfg: Config) -> Config:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.temperature <= 0:
         raise UsageError("--temperature must be > 0")
+    try:
+        objectives.get(cfg.objective).check_params(cfg.objective_params)
+    except ValueError as e:
+        raise UsageError(f"--objective {cfg.objective}: {e}") from e
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -37,13 +37,19 @@ def predicting_states(model, head: OutputHead, batch: Batch, dtype: torch.dtype)
     return _scaled(hidden[:, batch.prompt_len - 1:-1], head, dtype)
 
 
+def _bias(head: OutputHead, dtype: torch.dtype):
+    return None if head.bias is None else head.bias.to(dtype)
+
+
 def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, temperature: float,
-                 exact_kl: bool):
-    """(summed loss over the batch's response tokens, TopKStats, summed full-vocabulary reverse KL
-    or None, summed token reward). Summing lets the caller take the token mean over a whole step
-    of micro-batches. ``exact_kl`` adds KL(p || q) as a diagnostic for the objectives whose loss is
-    not that KL. The token reward is the sampled objective's r = log q(y) - log p(y), whatever the
-    objective: its mean is the one-sample estimate of -KL(p || q) on the rollouts."""
+                 **objective_params):
+    """(summed loss over the batch's response tokens, TopKStats, summed full-vocabulary reverse KL,
+    summed token reward), all from one fused pass (``return_stats``: the statistics carry the exact
+    KL(p || q) and both models' log-probs of the response tokens). Summing lets the caller take the
+    token mean over a whole step of micro-batches. The token reward is the sampled objective's
+    r = log q(y) - log p(y), whatever the objective: its mean is the one-sample estimate of
+    -KL(p || q) on the rollouts. The KL and the reward are detached device scalars (no sync).
+    ``objective_params``: the objective's declared parameters (e.g. jsd's ``beta``)."""
     mask = batch.response_mask[:, batch.prompt_len:]
     tokens = batch.input_ids[:, batch.prompt_len:]
     student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
@@ -54,17 +60,13 @@ def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, te
     loss, stats = opd_kernels.fused_linear_opd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight,
         objective=objective, tokens=tokens, k=k, mask=mask, temperature=temperature,
-        reduction="sum", return_stats=True, vocab_size=pair.vocab_size)
-    with torch.no_grad():
-        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
-        kl = None
-        if exact_kl:
-            kl = opd_kernels.fused_linear_reverse_kl(
-                student_hidden, student_weight, teacher_hidden, teacher_weight,
-                mask=mask, temperature=temperature, reduction="sum", vocab_size=pair.vocab_size)
-        ids = torch.where(mask, tokens, torch.zeros_like(tokens))
-        log_q, log_p = (opd_kernels.fused_linear_token_logprobs(h, w[:pair.vocab_size], ids,
-                                                                temperature=temperature)
-                        for h, w in ((teacher_hidden, teacher_weight), (student_hidden, student_weight)))
-        reward = torch.where(mask, log_q - log_p, torch.zeros_like(log_q)).sum()
+        reduction="sum", return_stats=True, vocab_size=pair.vocab_size,
+        student_bias=_bias(pair.student_head, pair.compute_dtype),
+        teacher_bias=_bias(pair.teacher_head, pair.compute_dtype),
+        student_softcap=pair.student_head.softcap, teacher_softcap=pair.teacher_head.softcap,
+        **objective_params)
+    # Uncounted positions hold NaN in the statistics: sum the counted ones only.
+    counted = lambda t: torch.where(stats.mask, t.detach(), torch.zeros_like(t)).sum()  # noqa: E731
+    kl = counted(stats.reverse_kl)
+    reward = counted(stats.teacher_logprob - stats.student_logprob)
     return loss, stats, kl, reward

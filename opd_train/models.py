@@ -2,15 +2,18 @@
 
 The OPD loss never sees logits: it takes final hidden states and the output-embedding weight
 (``opd_kernels.fused_linear_opd_loss``). That is only right when the model's logits are exactly
-``scale * hidden @ W^T``. ``OutputHead`` records W and the scale (Cohere's ``logit_scale``,
-Granite's ``logits_scaling``, ``output_multiplier``); anything else (soft-capping, a bias, an
-unknown post-processing) is refused, and ``verify_output_head`` checks the claim numerically
-against the model's own logits before training starts.
+``c tanh((scale * hidden @ W^T + b) / c)``. ``OutputHead`` records W, the scale (Cohere's
+``logit_scale``, Granite's ``logits_scaling``, ``output_multiplier``), the output layer's bias b
+if it has one and the final-logit soft-cap c (Gemma 2's ``final_logit_softcapping``); the loss
+passes b and c to the kernels. Anything else (an unknown post-processing) is refused:
+``verify_output_head`` checks the claim numerically against the model's own logits before
+training starts.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -66,30 +69,38 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
 
 @dataclass
 class OutputHead:
-    """logits = (hidden * hidden_scale) @ weight[:vocab_size].T"""
+    """logits = softcap * tanh(z / softcap), z = (hidden * hidden_scale) @ weight[:vocab_size].T
+    + bias[:vocab_size] (no bias: none added; softcap None: z itself)."""
 
     weight: torch.Tensor
     hidden_scale: float
+    bias: Optional[torch.Tensor] = None
+    softcap: Optional[float] = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The materialized logits of ``hidden`` in fp32 (the probe and the tests only)."""
+        z = (hidden.float() * self.hidden_scale) @ self.weight.float().T
+        if self.bias is not None:
+            z = z + self.bias.float()
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
 
 
 def output_head(model, name: str) -> OutputHead:
     config = model.config.get_text_config()
     softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap:
-        raise UsageError(
-            f"{name}: final_logit_softcapping={softcap} makes the logits tanh-capped; the fused "
-            "hidden-state losses compute uncapped logits, so this model is not supported")
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise UsageError(f"{name}: the model has no output-embedding weight")
-    if getattr(head, "bias", None) is not None:
-        raise UsageError(f"{name}: the output layer has a bias, which the fused losses do not add")
+    bias = getattr(head, "bias", None)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise UsageError(f"{name}: the output layer's bias is not a tensor ({type(bias).__name__})")
     scale = 1.0
     for attr, op in (("logit_scale", "mul"), ("output_multiplier", "mul"), ("logits_scaling", "div")):
         value = getattr(config, attr, None)
         if value is not None and type(value) in (int, float):
             scale = scale * value if op == "mul" else scale / value
-    return OutputHead(weight=head.weight, hidden_scale=float(scale))
+    return OutputHead(weight=head.weight, hidden_scale=float(scale), bias=bias,
+                      softcap=float(softcap) if softcap else None)
 
 
 def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -101,18 +112,21 @@ def final_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor
 
 @torch.no_grad()
 def verify_output_head(model, head: OutputHead, input_ids, name: str) -> None:
-    """Refuse a model whose logits are not ``hidden_scale * hidden @ W^T`` (a post-processing
-    we do not know about would otherwise make the loss silently wrong)."""
+    """Refuse a model whose logits are not what ``head`` says (a post-processing we do not
+    know about would otherwise make the loss silently wrong)."""
     attention_mask = torch.ones_like(input_ids)
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits.float()
+    raw = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).logits
+    logits = raw.float()
     hidden = final_hidden(model, input_ids, attention_mask, position_ids).float()
-    ours = (hidden * head.hidden_scale) @ head.weight.float().T
-    tol = 1e-3 if logits.dtype == torch.float32 and head.weight.dtype == torch.float32 else 5e-2
+    ours = head.logits(hidden)
+    # the model's own dtype (bf16 under autocast, with fp32 weights) decides the tolerance
+    tol = 1e-3 if raw.dtype == torch.float32 and head.weight.dtype == torch.float32 else 5e-2
     err = (ours - logits).abs().max().item() / max(1.0, logits.abs().max().item())
     if err > tol:
         raise UsageError(
-            f"{name}: its logits are not hidden_states @ lm_head.weight^T (relative error "
+            f"{name}: its logits are not hidden_states @ lm_head.weight^T as its config states "
+            f"(scale {head.hidden_scale:g}, bias {head.bias is not None}, softcap {head.softcap}; relative error "
             f"{err:.3g}); a logit post-processing this trainer does not know would make the "
             "distillation loss wrong, so it refuses the model")

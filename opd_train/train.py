@@ -76,11 +76,6 @@ def _slices(batch: Batch, size: int):
                     batch.prompt_len)
 
 
-def _cat_stats(parts: list) -> TopKStats:
-    fields = {name: torch.cat([getattr(p, name) for p in parts]) for name in parts[0].tensors()}
-    return TopKStats(**fields, mask=torch.cat([p.mask for p in parts]))
-
-
 def _truncate_metrics(path: str, steps_done: int) -> None:
     """Drop lines of steps a resumed run will redo (they ran after the last checkpoint)."""
     if not os.path.exists(path):
@@ -105,7 +100,6 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
         set_rng_state(state["rng"])
         start = state["step"]
     _truncate_metrics(metrics_path, start)
-    exact_kl = cfg.objective != "full"  # for "full" the loss is the reverse KL itself
     step = start
     with StopOnSigint() as stop, open(metrics_path, "a") as log:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd", dynamic_ncols=True)
@@ -123,21 +117,21 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
                        if data.checker is not None and data.answers[i] is not None]
             tokens = batch.response_tokens
             student.train()
-            loss_sum, kl_sum, reward_sum, stats = 0.0, 0.0, 0.0, []
+            sums, stats = [], []  # (loss, KL, reward) of each micro-batch, on the device
             for part in _slices(batch, cfg.micro_batch_size):
-                loss, part_stats, kl, token_reward = opd_loss_sum(pair, part, objective=cfg.objective, k=cfg.k,
-                                                    temperature=cfg.temperature, exact_kl=exact_kl)
+                loss, part_stats, kl, token_reward = opd_loss_sum(
+                    pair, part, objective=cfg.objective, k=cfg.k, temperature=cfg.temperature,
+                    **cfg.objective_params)
                 (loss / tokens).backward()
-                loss_sum += loss.item()
-                kl_sum += loss.item() if kl is None else kl.item()
-                reward_sum += token_reward.item()
+                sums.append(torch.stack([loss.detach().float(), kl.float(), token_reward.float()]))
                 stats.append(part_stats)
+            loss_sum, kl_sum, reward_sum = torch.stack(sums).sum(0).tolist()  # one sync a step
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.time() - began
             row = {"step": step + 1, "loss": loss_sum / tokens, "reverse_kl": kl_sum / tokens,
-                   **_cat_stats(stats).summary(),
+                   **TopKStats.cat(stats).summary(),
                    "token_reward": reward_sum / tokens,
                    "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
                    "grad_norm": grad_norm, "response_length": tokens / len(idx),

@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU: a tiny run end to end, OOM as a result, absent peers,
-the baselines against the reference, the roofline floors and the goal verdicts."""
+the ops generated from the objectives' declarations, the baselines against the reference, the
+roofline floors and the goal verdicts."""
 import json
 import sys
 
@@ -9,10 +10,12 @@ import torch
 from bench import __main__ as bench_main
 from bench import baselines, correctness, registry, report, runner
 from bench.impls import IMPLS, Impl, peer_status
-from bench.registry import OPS, Case
+from bench.registry import OPS, Case, ObjectiveOp
 from bench.timing import Budget, measure
-from bench.workloads import floor, fused_floor_flops, logits_floor_bytes
+from bench.workloads import floor, fused_floor_flops, logits_floor_bytes, objective_reads
+from opd_kernels import objectives
 from opd_kernels import reference as R
+from opd_kernels.objectives import Need
 
 TINY = registry.TINY
 FAST = Budget(target_ms=0.0, min_reps=1, max_reps=1)
@@ -99,6 +102,51 @@ def test_time_budget_skips_instead_of_overrunning():
     assert payload["rows"] and {r["status"] for r in payload["rows"]} == {"skipped: time budget"}
 
 
+def test_one_op_per_registered_objective():
+    """opd_<name> for every objective at its declared defaults; the parameters' ends as extra ops
+    outside the presets; tokens and k read from the declarations."""
+    generated = {op: o for op, o in OPS.items() if o is not None}
+    defaults = {o.name: op for op, o in generated.items() if not o.params}
+    assert defaults == {name: f"opd_{name}" for name in objectives.names()}
+    assert set(registry.PRESET_OPS) == set(registry.STANDALONE) | set(defaults.values())
+    beta = objectives.get("jsd").params["beta"]
+    assert OPS["opd_jsd"].kwargs == {"beta": beta.default}
+    assert OPS["opd_jsd_beta0"].kwargs == {"beta": 0.0} and OPS["opd_jsd_beta1"].kwargs == {"beta": 1.0}
+    assert Need.MIXTURE in OPS["opd_jsd"].needs and Need.MIXTURE not in OPS["opd_jsd_beta0"].needs
+    for op, o in generated.items():
+        assert Case(op, "logits", TINY, 4).needs_tokens == (Need.TOKENS in o.spec.needs(o.kwargs))
+    assert [op for op in generated if Case(op, "logits", TINY, 4).needs_tokens] == ["opd_sampled"]
+
+
+def test_a_new_objective_gets_ops_a_baseline_and_a_floor(monkeypatch):
+    """Registering an objective is all it takes: its op, its eager baseline (its reference) and
+    its roofline floor (from its needs) come with no bench code."""
+    from opd_kernels.objectives import full
+
+    class Scaled(type(full.OBJECTIVE)):
+        name, summary = "toy_scaled", "2 KL(p || q), a test objective"
+        params = {"scale": objectives.Param(2.0, 0.0, 4.0)}
+
+        def reference(self, student, teacher, *, temperature=1.0, scale=2.0, **_):
+            return scale * super().reference(student, teacher, temperature=temperature)
+
+        def from_passes(self, r, scale=2.0):
+            value, grad = super().from_passes(r)
+            return scale * value, objectives.GradForm(shift=scale * grad.shift, reverse=scale)
+
+    monkeypatch.setitem(objectives._discover(), "toy_scaled", Scaled())
+    ops = registry.objective_ops()
+    assert ops["opd_toy_scaled"] == ObjectiveOp("toy_scaled")
+    assert ops["opd_toy_scaled_scale0"].kwargs == {"scale": 0.0}
+    assert ops["opd_toy_scaled_scale4"].kwargs == {"scale": 4.0}
+    monkeypatch.setattr(registry, "OPS", {**registry.OPS, **ops})
+    monkeypatch.setattr(baselines, "OPS", registry.OPS)
+    s, t = torch.randn(3, 11, dtype=torch.float64), torch.randn(3, 11, dtype=torch.float64)
+    got = baselines.logits_op("opd_toy_scaled")(s, t, None, 4, 1.0)
+    torch.testing.assert_close(got.double(), 2 * R.reverse_kl(s, t), rtol=1e-5, atol=1e-6)  # fp32
+    assert objective_reads(ops["opd_toy_scaled"]) == objective_reads(OPS["opd_full"]) == (2, 2)
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_baselines_match_reference(op):
     g = torch.Generator().manual_seed(0)
@@ -106,7 +154,7 @@ def test_baselines_match_reference(op):
     t = torch.randn(6, 97, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, 97, (6,), generator=g)
     tau, k = 0.7, 5
-    got = baselines.LOGITS_OPS[op](s, t, y, k, tau)
+    got = baselines.logits_op(op)(s, t, y, k, tau)
     if op == "topk_overlap":
         want = R.topk_overlap(s, t, k, tau).tensors().values()
         for a, b in zip(got, want):
@@ -114,7 +162,7 @@ def test_baselines_match_reference(op):
         return
     objective = OPS[op]
     if objective is not None:
-        want = R.per_position_loss(s, t, objective, y, k, tau)
+        want = R.opd_loss(s, t, objective.name, y, k, None, tau, "none", **objective.kwargs)
     else:
         want = {"logsumexp": lambda: R.logsumexp(s, tau), "reverse_kl": lambda: R.reverse_kl(s, t, tau),
                 "token_logprobs": lambda: R.token_logprobs(s, y, tau)}[op]()
@@ -122,6 +170,17 @@ def test_baselines_match_reference(op):
     (grad,) = torch.autograd.grad(got.sum(), s)
     (want_grad,) = torch.autograd.grad(want.sum(), s)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_peers_time_the_objective_they_compute():
+    """The KL peers apply to reverse_kl and to the objective that is that KL (its reference)."""
+    from bench.impls import PEER_KL_OBJECTIVE
+
+    s, t = torch.randn(3, 11, dtype=torch.float64), torch.randn(3, 11, dtype=torch.float64)
+    torch.testing.assert_close(objectives.get(PEER_KL_OBJECTIVE).reference(s, t), R.reverse_kl(s, t))
+    applies = IMPLS["liger-jsd"].applies
+    assert {op for op in OPS if applies(Case(op, "logits", TINY, 4), "fwd", 1.0)} == \
+        {"reverse_kl", f"opd_{PEER_KL_OBJECTIVE}"}
 
 
 def test_floors_follow_kernel_design():
@@ -135,11 +194,20 @@ def test_floors_follow_kernel_design():
     topk = fused_floor_flops("opd_topk", "fwd+bwd", n, v, hs, ht, k)
     assert 5 < fused_floor_flops("opd_full", "fwd+bwd", n, v, hs, ht, k) / topk < 8
     assert floor(Case("opd_full", "fused", registry.QWEN, n), "fwd", 2, k) == ("flops", 2 * n * v * (hs + ht))
+    # from the declarations: forward KL and the jsd's endpoints move what the reverse KL does;
+    # the jsd's mixture pass reads both again; sampled and topk_pg need the teacher's full pass
+    # but their gradients read the student only.
+    b = lambda op, mode="fwd+bwd": logits_floor_bytes(op, mode, n, v, 2)  # noqa: E731
+    assert b("opd_forward_kl") == b("opd_jsd_beta0") == b("opd_jsd_beta1") == b("opd_full")
+    assert b("opd_jsd", "fwd") == 2 * b("opd_full", "fwd") and b("opd_jsd") == 14 * n * v
+    assert b("opd_sampled") == b("opd_topk_pg") == 8 * n * v
+    f = lambda op: fused_floor_flops(op, "fwd", n, v, hs, ht, k)  # noqa: E731
+    assert f("opd_jsd") == 2 * f("opd_full") and f("opd_topk_pg") == f("opd_full")
 
 
 def test_presets_cover_every_op_and_form():
     quick, full = registry.preset("quick"), registry.preset("full")
-    assert {(c.op, c.form) for c in quick} == {(op, f) for op in OPS for f in registry.FORMS}
+    assert {(c.op, c.form) for c in quick} == {(op, f) for op in registry.PRESET_OPS for f in registry.FORMS}
     assert full[:len(quick)] == quick and len(set(full)) == len(full)
     assert {c.n for c in full if c.model == registry.QWEN} == set(registry.TOKEN_COUNTS)
     assert {c.model for c in full} == {registry.QWEN, registry.LLAMA, registry.GEMMA}
@@ -185,7 +253,8 @@ def test_hopper_report_table():
 def test_correctness_check_runs_and_can_fail(capsys):
     assert correctness.main(["--device", "cpu", "--backend", "torch", "--dtypes", "fp32", "--n", "5",
                              "--vocab", "67", "--hidden", "8", "12", "--k", "3",
-                             "--ops", "reverse_kl", "topk_overlap", "opd_topk"]) == 0
+                             "--ops", "reverse_kl", "topk_overlap", "opd_topk", "opd_jsd",
+                             "opd_jsd_beta0"]) == 0
     assert "0 failed" in capsys.readouterr().out
     ref = torch.tensor([1.0, float("nan"), 2.0])
     assert correctness.rel_error(ref + 1e-3, ref) == pytest.approx(1e-3 * 2 ** 0.5 / 5 ** 0.5, rel=1e-3)

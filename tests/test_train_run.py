@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_train import task, train
+from opd_kernels import objectives
+from opd_kernels.objectives import Need
+from opd_train import cli, config, task, train
 from opd_train.checkpoint import latest_checkpoint, save_model_dir
 from opd_train.cli import main
+from opd_train.errors import UsageError
 from opd_train.models import tiny_llama
 from opd_train.tokenizer import build_char_tokenizer
 
@@ -47,12 +50,25 @@ def _args(root, out, *extra):
             "--max-new-tokens", "8", "--lr", "1e-2", "--k", "4", "--seed", "5", *extra]
 
 
-@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
-def test_tiny_end_to_end(setup, tmp_path, objective, capsys):
+@pytest.mark.parametrize("objective, extra", [("full", ()), ("sampled", ()), ("topk", ()),
+                                               ("jsd", ("--beta", "0.25"))])
+def test_tiny_end_to_end(setup, tmp_path, objective, extra, capsys, monkeypatch):
+    calls = []
+    real_loss = train.opd_loss_sum
+
+    def recording_loss(*args, **kwargs):
+        calls.append(kwargs)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "opd_loss_sum", recording_loss)
     out = tmp_path / "run"
-    assert main(_args(setup, out, "--steps", "2", "--objective", objective)) == 0
+    assert main(_args(setup, out, "--steps", "2", "--objective", objective, *extra)) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["objective"] == objective and config["device"] == "cpu" and config["dtype"] == "float32"
+    # the objective's declared parameters, and only those, reach the loss
+    expected = {"beta": 0.25} if extra else {}
+    assert calls and all({n: kw[n] for n in kw if n not in ("objective", "k", "temperature")}
+                         == expected and kw["objective"] == objective for kw in calls)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and METRIC_KEYS <= set(rows[0])
     assert all(r["reverse_kl"] > 0 and 0 <= r["overlap"] <= 1 and r["grad_norm"] > 0 for r in rows)
@@ -153,6 +169,22 @@ def test_tokenizers_differ(setup, tmp_path, capsys):
 def test_objective_the_models_cannot_support(setup, tmp_path, capsys):
     code, err = _error(capsys, _args(setup, tmp_path / "r", "--steps", "1", "--k", "64"))
     assert code == 2 and "share only 22 ids" in err
+
+
+@pytest.mark.parametrize("objective", objectives.names())
+def test_k_larger_than_the_vocabulary(setup, tmp_path, objective):
+    """k must fit the shared vocabulary only for the objectives over the student's top-k (their
+    declared needs); for the others it only sizes the diagnostics, so it is clipped."""
+    cfg, _ = config.from_args(_args(setup, tmp_path / "r", "--steps", "1", "--k", "64",
+                                    "--objective", objective))
+    cfg = config.resolve(cfg)
+    spec = objectives.get(objective)
+    if Need.SUPPORT in spec.needs(spec.check_params(cfg.objective_params)):
+        with pytest.raises(UsageError, match="share only 22 ids"):
+            cli._pair(cfg, str(setup / "student"), str(setup / "teacher"))
+    else:
+        cli._pair(cfg, str(setup / "student"), str(setup / "teacher"))
+        assert cfg.k == 22
 
 
 def test_command_line_exit_code(tmp_path):

@@ -1,5 +1,7 @@
-"""opd_train pieces: the task and its checker, the tokenizer, the loss path (shift, masks, logit
-scaling) against the float64 reference on the models' own logits, and checkpoint atomicity."""
+"""opd_train pieces: the task and its checker, the tokenizer, the command line's objectives (from
+the registry), the loss path (shift, masks, logit scaling, soft-capping, an lm_head bias, every
+objective and its parameters) against the float64 reference on the models' own logits, the
+diagnostics from the loss's own pass, and checkpoint atomicity."""
 import json
 import os
 
@@ -8,11 +10,12 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CohereConfig, CohereForCausalLM,
                           Gemma2Config, Gemma2ForCausalLM)
 
-from opd_kernels import reference
-from opd_train import checkpoint, demo, task
+import opd_kernels
+from opd_kernels import objectives, reference
+from opd_train import checkpoint, config, demo, task
 from opd_train.errors import UsageError
-from opd_train.loss import PairedModels, opd_loss_sum
-from opd_train.models import output_head, tiny_llama, verify_output_head
+from opd_train.loss import PairedModels, opd_loss_sum, predicting_states
+from opd_train.models import OutputHead, output_head, tiny_llama, verify_output_head
 from opd_train.rollout import generate, response_mask_after
 from opd_train.tokenizer import build_char_tokenizer
 from opd_train.train import step_prompts
@@ -73,17 +76,50 @@ def _pair(student, teacher):
                         min(s_head.weight.shape[0], t_head.weight.shape[0]), torch.float32)
 
 
-@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
-def test_loss_matches_reference_on_model_logits(tok, objective):
+def test_objective_choices_and_params_come_from_the_registry():
+    parser = config.parser()
+    action = next(a for a in parser._actions if a.dest == "objective")
+    assert tuple(action.choices) == objectives.names()
+    for name in objectives.names():
+        assert objectives.get(name).summary in action.help
+    jsd_beta = objectives.get("jsd").params["beta"]
+    beta = next(a for a in parser._actions if a.dest == "beta")
+    assert "jsd" in beta.help and f"[{jsd_beta.low:g}, {jsd_beta.high:g}]" in beta.help
+    assert config.Config().beta == jsd_beta.default
+
+    cfg, _ = config.from_args(["--objective", "jsd", "--beta", "0.25"])
+    assert cfg.objective_params == {"beta": 0.25}
+    cfg, _ = config.from_args(["--objective", "jsd"])
+    assert cfg.objective_params == {"beta": jsd_beta.default}
+    for name in objectives.names():  # only the objectives declaring beta get it
+        cfg, _ = config.from_args(["--objective", name])
+        assert set(cfg.objective_params) == set(objectives.get(name).params)
+    with pytest.raises(UsageError, match="--beta is a parameter of objective jsd"):
+        config.from_args(["--objective", "topk", "--beta", "0.25"])
+    cfg, _ = config.from_args(["--objective", "jsd", "--beta", "1.5", "--output-dir", "unused"])
+    with pytest.raises(UsageError, match=r"beta of objective 'jsd' must be a number in \[0, 1\]"):
+        config.resolve(cfg)
+    with pytest.raises(SystemExit):
+        config.from_args(["--objective", "no-such-objective"])
+
+
+CASES = [(name, {}) for name in objectives.names()] + [("jsd", {"beta": 0.25})]
+
+
+@pytest.mark.parametrize("objective, params", CASES, ids=[f"{n}{p}" for n, p in CASES])
+def test_loss_matches_reference_on_model_logits(tok, objective, params):
     """Left-padded prompts of different lengths: the loss over response tokens, computed from
-    hidden states, equals the reference on the models' own (shifted) logits, value and gradient."""
+    hidden states, equals the reference on the models' own (shifted) logits, value and gradient;
+    the diagnostics (exact reverse KL, token reward) come from that same pass and equal both the
+    reference and separate fused-linear passes on the same batch."""
     torch.manual_seed(0)
     student, teacher = tiny_llama(tok, 16, 1, 2, 64), tiny_llama(tok, 24, 1, 2, 64)
     prompts = ["Q:1+2\nA:", "Q:123+456\nA:", "Q:9\nA:"]
     batch, _ = generate(student, tok, prompts, max_new_tokens=6, temperature=1.0)
     assert batch.input_ids[0, 0] == tok.pad_token_id  # really left-padded
-    loss, stats, kl, token_reward = opd_loss_sum(_pair(student, teacher), batch, objective=objective,
-                                                 k=4, temperature=1.0, exact_kl=True)
+    pair = _pair(student, teacher)
+    loss, stats, kl, token_reward = opd_loss_sum(pair, batch, objective=objective, k=4,
+                                                 temperature=1.0, **params)
     loss.backward()
     ours = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -98,7 +134,7 @@ def test_loss_matches_reference_on_model_logits(tok, objective):
     with torch.no_grad():
         t_logits = logits(teacher)[:, p - 1:-1]
     want = reference.opd_loss(s_logits, t_logits, objective, tokens=batch.input_ids[:, p:], k=4,
-                              mask=mask, reduction="sum")
+                              mask=mask, reduction="sum", **params)
     want.backward()
     torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
     for g, param in zip(ours, student.parameters()):
@@ -109,6 +145,39 @@ def test_loss_matches_reference_on_model_logits(tok, objective):
     want_reward = (reference.token_logprobs(t_logits, y) - reference.token_logprobs(s_logits.detach(), y))[mask].sum()
     torch.testing.assert_close(token_reward.double(), want_reward, rtol=1e-4, atol=1e-5)
     assert stats.overlap.shape == mask.shape and torch.isnan(stats.overlap[~mask]).all()
+    assert not kl.requires_grad and not token_reward.requires_grad
+
+    # The same diagnostics as the separate full-vocabulary passes the loop used to spend on them.
+    with torch.no_grad():
+        hs = predicting_states(student, pair.student_head, batch, torch.float32)
+        ht = predicting_states(teacher, pair.teacher_head, batch, torch.float32)
+        ws, wt = pair.student_head.weight, pair.teacher_head.weight
+        separate_kl = opd_kernels.fused_linear_reverse_kl(hs, ws, ht, wt, mask=mask, reduction="sum")
+        ids = torch.where(mask, y, torch.zeros_like(y))
+        log_q, log_p = (opd_kernels.fused_linear_token_logprobs(h, w, ids) for h, w in ((ht, wt), (hs, ws)))
+    torch.testing.assert_close(kl, separate_kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(token_reward, (log_q - log_p)[mask].sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_objective_params_reach_the_kernels(tok, monkeypatch):
+    """--beta arrives at opd_kernels as the jsd's beta; the loss differs from the default's."""
+    torch.manual_seed(0)
+    student, teacher = tiny_llama(tok, 16, 1, 2, 64), tiny_llama(tok, 24, 1, 2, 64)
+    batch, _ = generate(student, tok, ["Q:1+2\nA:"], max_new_tokens=5, temperature=1.0)
+    seen = []
+    real = opd_kernels.fused_linear_opd_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opd_kernels, "fused_linear_opd_loss", spy)
+    cfg, _ = config.from_args(["--objective", "jsd", "--beta", "0.1"])
+    pair = _pair(student, teacher)
+    low, *_ = opd_loss_sum(pair, batch, objective=cfg.objective, k=4, temperature=1.0, **cfg.objective_params)
+    default, *_ = opd_loss_sum(pair, batch, objective="jsd", k=4, temperature=1.0)
+    assert seen[0]["objective"] == "jsd" and seen[0]["beta"] == 0.1 and "beta" not in seen[1]
+    assert not torch.allclose(low, default)
 
 
 def _cohere(tok):
@@ -129,7 +198,7 @@ def test_logit_scale_is_applied(tok):
     verify_output_head(student, head, ids, "student")
     batch, _ = generate(student, tok, ["Q:1+2\nA:"], max_new_tokens=5, temperature=1.0)
     loss, _, _, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4,
-                                 temperature=1.0, exact_kl=False)
+                                 temperature=1.0)
     p = batch.prompt_len
     s = student(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
     t = teacher(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
@@ -137,13 +206,51 @@ def test_logit_scale_is_applied(tok):
     torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_softcapped_model_refused(tok):
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                           num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=2, head_dim=8,
-                                           final_logit_softcapping=30.0))
-    with pytest.raises(UsageError, match="softcapping"):
-        output_head(model, "teacher")
+def _gemma2(tok, softcap):
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=2, head_dim=8,
+                                          final_logit_softcapping=softcap,
+                                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id))
+
+
+def test_softcap_and_bias_are_passed_through(tok):
+    """Gemma 2 caps its logits (final_logit_softcapping); an output layer may have a bias. The
+    head records both, the probe agrees, and the loss (value and gradient, the bias's included)
+    equals the reference on the models' real logits."""
+    torch.manual_seed(0)
+    student, teacher = _gemma2(tok, 2.0), _gemma2(tok, 3.0)
+    student.lm_head.bias = torch.nn.Parameter(torch.randn(len(tok)))
+    s_head, t_head = output_head(student, "student"), output_head(teacher, "teacher")
+    assert (s_head.softcap, t_head.softcap) == (2.0, 3.0)
+    assert s_head.bias is student.lm_head.bias and t_head.bias is None
+    ids = tok(["Q:12+34\nA:1+2"], return_tensors="pt")["input_ids"]
+    verify_output_head(student, s_head, ids, "student")
+    verify_output_head(teacher, t_head, ids, "teacher")
+    uncapped = OutputHead(s_head.weight, s_head.hidden_scale, s_head.bias)
+    with pytest.raises(UsageError, match="not hidden_states @ lm_head.weight"):
+        verify_output_head(student, uncapped, ids, "student")  # the cap matters at these logits
+
+    batch, _ = generate(student, tok, ["Q:1+2\nA:", "Q:45+6\nA:"], max_new_tokens=5, temperature=1.0)
+    loss, _, kl, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4, temperature=1.0)
+    loss.backward()
+    ours = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    p = batch.prompt_len
+    mask = batch.response_mask[:, p:]
+    run = lambda m: m(input_ids=batch.input_ids, attention_mask=batch.attention_mask,  # noqa: E731
+                      position_ids=batch.position_ids).logits.double()[:, p - 1:-1]
+    s = run(student)
+    with torch.no_grad():
+        t = run(teacher)
+    want = reference.opd_loss(s, t, "full", mask=mask, reduction="sum")
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kl.double(), want.detach(), rtol=1e-4, atol=1e-5)
+    assert student.lm_head.bias.grad is not None
+    for g, param in zip(ours, student.parameters()):
+        torch.testing.assert_close(g.double(), param.grad.double(), rtol=1e-3, atol=1e-5)
 
 
 def test_unknown_logit_postprocessing_refused(tok):
