@@ -82,9 +82,12 @@ class TopKStats:
         """
         counted = torch.ones_like(self.overlap, dtype=torch.bool) if self.mask is None else self.mask
         values = {name: t.detach().double()[counted] for name, t in self.tensors().items()}
-        shared = ~torch.isnan(values["overlap_advantage"])
+        # S ∩ T non-empty: by the overlap itself (the advantage is also NaN where the student has
+        # no mass on a non-empty S ∩ T, fewer than k finite logits; it is averaged where defined)
+        shared = values["overlap"] > 0
         mean = lambda v: v.mean().item() if v.numel() else math.nan
-        out = {name: mean(v[shared] if name == "overlap_advantage" else v)
+        advantage = values["overlap_advantage"]
+        out = {name: mean(advantage[~torch.isnan(advantage)] if name == "overlap_advantage" else v)
                for name, v in values.items()}
         out["student_mass_shared"] = mean(values["student_mass"][shared])
         out["teacher_mass_shared"] = mean(values["teacher_mass"][shared])

@@ -1,14 +1,17 @@
 """The public API on the PyTorch backend against the reference, in float64 and float32."""
+import importlib
 import math
 
 import pytest
 import torch
 
 import opd_kernels as O
+from opd_kernels import objectives
 from opd_kernels import reference as R
-from opd_kernels import torch_backend
 
 D = torch.float64
+# (the module, not the attribute: backends/__init__.py imports the torch package under that name)
+torch_backend = importlib.import_module("opd_kernels.backends.torch")
 
 
 def rand(*shape, scale=3.0, seed=0, dtype=D):
@@ -22,7 +25,7 @@ def masks(lead):
     return {"none": None, "some": some, "all_out": torch.zeros(lead, dtype=torch.bool)}
 
 
-@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+@pytest.mark.parametrize("objective", objectives.names())
 @pytest.mark.parametrize("mask_kind", ["none", "some", "all_out"])
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
 def test_opd_loss_matches_reference(objective, mask_kind, tau):
@@ -40,7 +43,7 @@ def test_opd_loss_matches_reference(objective, mask_kind, tau):
     if mask_kind == "all_out":
         assert loss.item() == 0.0 and (g == 0).all()
         assert all(math.isnan(v) for k_, v in stats.summary().items())
-    ref_stats = R.topk_overlap(zs.detach(), zt, 4, tau)
+    ref_stats = R.topk_overlap(zs.detach(), zt, 4, tau, tokens=tokens)
     counted = torch.ones(lead, dtype=torch.bool) if mask is None else mask
     for name, value in stats.tensors().items():
         assert value.shape == lead and value.dtype == torch.float32
@@ -78,7 +81,7 @@ def test_logsumexp_and_token_logprobs_gradients():
     assert torch.autograd.gradcheck(lambda x: O.token_logprobs(x, y, temperature=2.0, backend="torch"), (z,))
 
 
-@pytest.mark.parametrize("objective", ["full", "topk"])
+@pytest.mark.parametrize("objective", ["full", "topk", "forward_kl", "jsd"])
 def test_gradcheck_float64(objective):
     zs, zt = rand(3, 7).requires_grad_(), rand(3, 7, seed=1)
     fn = lambda x: O.opd_loss(x, zt, objective=objective, k=3, temperature=0.7, backend="torch")
@@ -106,7 +109,7 @@ def test_opd_loss_module_on_both_forms():
         loss_fn(hs, ht, student_weight=ws)
 
 
-@pytest.mark.parametrize("objective", ["full", "sampled", "topk"])
+@pytest.mark.parametrize("objective", objectives.names())
 @pytest.mark.parametrize("return_stats", [False, True])
 def test_fused_linear_matches_reference_on_materialized_logits(objective, return_stats):
     hs, ws = rand(7, 12, scale=1.0).requires_grad_(), rand(40, 12, seed=1, scale=0.5).requires_grad_()
@@ -150,3 +153,38 @@ def test_fused_linear_logsumexp_and_token_logprobs():
     assert torch.autograd.gradcheck(lambda a, b: O.fused_linear_token_logprobs(a, b, y, backend="torch"), (h, w))
     stats = O.fused_linear_topk_overlap(h, w, h.detach(), w.detach(), k=3, backend="torch")
     assert stats.summary()["overlap"] == 1.0 and stats.summary()["entropy_gap"] == 0.0
+
+
+def test_single_model_ops_with_softcap_and_bias():
+    z = rand(2, 3, 9, scale=10.0).requires_grad_()
+    y = torch.randint(0, 9, (2, 3), generator=torch.Generator().manual_seed(0))
+    capped = R.softcapped(z, 4.0)
+    lse = O.logsumexp(z, temperature=0.7, softcap=4.0, backend="torch")
+    torch.testing.assert_close(lse, R.logsumexp(capped, 0.7))
+    lp = O.token_logprobs(z, y, temperature=0.7, softcap=4.0, backend="torch")
+    torch.testing.assert_close(lp, R.token_logprobs(capped, y, 0.7))
+    assert torch.autograd.gradcheck(lambda x: O.token_logprobs(x, y, softcap=4.0, backend="torch"), (z,))
+    h, w = rand(2, 3, 5).requires_grad_(), rand(11, 5, seed=1, scale=0.5).requires_grad_()
+    b = rand(11, seed=2).requires_grad_()
+    y = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(1))
+    zb = R.softcapped(R.linear_logits(h, w, bias=b), 3.0)
+    torch.testing.assert_close(O.fused_linear_logsumexp(h, w, bias=b, softcap=3.0, backend="torch"),
+                               R.logsumexp(zb))
+    torch.testing.assert_close(O.fused_linear_token_logprobs(h, w, y, bias=b, softcap=3.0, backend="torch"),
+                               R.token_logprobs(zb, y))
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: O.fused_linear_token_logprobs(a, c, y, bias=d, temperature=0.5, backend="torch"),
+        (h, w, b))
+
+
+def test_opd_loss_module_objective_parameters_and_biases():
+    hs, ws, bs = rand(4, 6).requires_grad_(), rand(9, 6, seed=1, scale=0.5), rand(9, seed=2)
+    ht, wt, bt = rand(4, 3, seed=3), rand(9, 3, seed=4, scale=0.5), rand(9, seed=5)
+    module = O.OPDLoss(objective="jsd", beta=0.3, temperature=0.7, student_softcap=5.0, backend="torch")
+    assert "beta=0.3" in repr(module)
+    fused = module(hs, ht, student_weight=ws, teacher_weight=wt, student_bias=bs, teacher_bias=bt)
+    expected = R.opd_loss(R.linear_logits(hs, ws, bias=bs), R.linear_logits(ht, wt, bias=bt), "jsd",
+                          temperature=0.7, student_softcap=5.0, beta=0.3)
+    torch.testing.assert_close(fused, expected)
+    with pytest.raises(ValueError, match="the biases apply to the fused-linear form"):
+        module(R.linear_logits(hs, ws), R.linear_logits(ht, wt), student_bias=bs)

@@ -26,7 +26,14 @@ def backend(request):
     (lambda b: O.opd_loss(zs, zt, k=11, backend=b), ValueError, "k must satisfy"),
     (lambda b: O.topk_overlap(zs, zt, k=2.0, backend=b), TypeError, "k must be an int"),
     (lambda b: O.opd_loss(zs, zt, objective="sampled", backend=b), ValueError, "needs tokens"),
-    (lambda b: O.opd_loss(zs, zt, objective="jsd", backend=b), ValueError, "objective must be one of"),
+    (lambda b: O.opd_loss(zs, zt, objective="nope", backend=b), ValueError, "objective must be one of"),
+    (lambda b: O.opd_loss(zs, zt, objective="jsd", beta=2.0, backend=b), ValueError, "beta of objective 'jsd'"),
+    (lambda b: O.opd_loss(zs, zt, objective="full", beta=0.5, backend=b), ValueError, "takes no parameters; got beta"),
+    (lambda b: O.opd_loss(zs, zt, student_softcap=0.0, backend=b), ValueError, "student_softcap must be"),
+    (lambda b: O.opd_loss(zs, zt, teacher_softcap=float("nan"), backend=b), ValueError, "teacher_softcap must be"),
+    (lambda b: O.fused_linear_opd_loss(hs, ws, ht, wt, student_bias=torch.randn(9), backend=b), ValueError, "student_bias must have shape"),
+    (lambda b: O.fused_linear_opd_loss(hs, ws, ht, wt, teacher_bias=torch.randn(10, device="meta"), backend=b), ValueError, "teacher_bias is on meta"),
+    (lambda b: O.opd_loss(zs, zt, tokens=tokens, ignore_index="pad", backend=b), TypeError, "ignore_index must be"),
     (lambda b: O.opd_loss(zs, zt, reduction="avg", k=4, backend=b), ValueError, "reduction must be one of"),
     (lambda b: O.opd_loss(zs, zt, temperature=0.0, k=4, backend=b), ValueError, "temperature must be"),
     (lambda b: O.opd_loss(zs, zt, mask=torch.ones(4), backend=b), TypeError, "mask must be a bool"),
@@ -51,11 +58,19 @@ def test_bad_input_names_the_argument(call, error, words, backend):
         call(backend)
 
 
-def test_uncounted_positions_may_hold_any_token_id():
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_uncounted_positions_may_hold_any_token_id(backend_name):
     mask = torch.tensor([True, True, False, True])
-    ignore = torch.tensor([0, 1, -100, 3])
-    loss = O.opd_loss(zs, zt, objective="sampled", tokens=ignore, mask=mask, backend="torch")
+    ignore = torch.tensor([0, 1, 10**6, 3])
+    loss = O.opd_loss(zs, zt, objective="sampled", tokens=ignore, mask=mask, backend=backend_name)
     assert torch.isfinite(loss)
+    # the ignore_index (-100 by default) uncounts a position by itself, without a mask
+    loss = O.opd_loss(zs, zt, objective="sampled", tokens=torch.tensor([0, -100, 2, 3]),
+                      backend=backend_name)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 10\) \(ignore_index is 5\)"):
+        O.opd_loss(zs, zt, objective="sampled", tokens=torch.tensor([0, -100, 2, 3]),
+                   ignore_index=5, backend=backend_name)
 
 
 def test_triton_rejects_float64():
@@ -65,9 +80,9 @@ def test_triton_rejects_float64():
 
 def test_triton_names_its_k_limit():
     wide_s, wide_t = torch.randn(2, 100), torch.randn(2, 100)
-    with pytest.raises(ValueError, match="k must be <= 64 on the Triton backend"):
+    with pytest.raises(ValueError, match="k must be <= 64 on backend='triton'"):
         O.topk_overlap(wide_s, wide_t, k=65, backend="triton")
-    with pytest.raises(ValueError, match="k must be <= 64 on the Triton backend"):
+    with pytest.raises(ValueError, match="k must be <= 64 on backend='triton'"):
         O.fused_linear_opd_loss(torch.randn(2, 4), torch.randn(100, 4), torch.randn(2, 4),
                                 torch.randn(100, 4), k=65, backend="triton")
     assert O.topk_overlap(wide_s, wide_t, k=65, backend="torch").overlap.shape == (2,)

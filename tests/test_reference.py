@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from opd_kernels import objectives
 from opd_kernels import reference as R
 
 D = torch.float64
@@ -50,7 +51,7 @@ def test_sampled_gradient_formula():
     zs, zt = rand(5, 9).requires_grad_(), rand(5, 9, seed=1)
     y = torch.tensor([0, 3, 8, 2, 2])
     tau = 0.7
-    (grad,) = torch.autograd.grad(R.sampled_loss(zs, zt, y, tau).sum(), zs)
+    (grad,) = torch.autograd.grad(objectives.get("sampled").reference(zs, zt, tokens=y, temperature=tau).sum(), zs)
     r = (R.token_logprobs(zt, y, tau) - R.token_logprobs(zs, y, tau)).detach()
     onehot = torch.nn.functional.one_hot(y, 9).to(D)
     expected = -(r[:, None] / tau) * (onehot - R.log_softmax(zs, tau).exp())
@@ -60,7 +61,7 @@ def test_sampled_gradient_formula():
 def test_topk_loss_and_gradient_formula():
     zs, zt = rand(2, 20).requires_grad_(), rand(2, 20, seed=1)
     k, tau = 4, 1.5
-    loss = R.topk_loss(zs, zt, k, tau)
+    loss = objectives.get("topk").reference(zs, zt, k=k, temperature=tau)
     (grad,) = torch.autograd.grad(loss.sum(), zs)
     for row in range(2):
         support = torch.argsort(zs[row].detach(), descending=True)[:k]
@@ -136,3 +137,38 @@ def test_topk_ids_equals_a_stable_sort(seed):
         z[0, 0] = -math.inf
     expected = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :k]
     assert torch.equal(R.topk_ids(z, k), expected)
+
+
+def test_softcapped_value_and_derivative():
+    z = rand(3, 8, scale=40.0).requires_grad_()
+    capped = R.softcapped(z, 30.0)
+    torch.testing.assert_close(capped, 30.0 * torch.tanh(z / 30.0))
+    assert capped.abs().max() < 30.0 and R.softcapped(z, None) is z
+    (grad,) = torch.autograd.grad(capped.sum(), z)
+    torch.testing.assert_close(grad, 1 - torch.tanh(z.detach() / 30.0) ** 2)
+
+
+@pytest.mark.parametrize("objective", ["full", "sampled", "topk", "forward_kl", "jsd", "topk_pg"])
+def test_opd_loss_softcaps_each_model_before_the_temperature(objective):
+    zs, zt = rand(4, 9, scale=20.0), rand(4, 9, seed=1, scale=20.0)
+    y = torch.tensor([0, 3, 8, 2])
+    capped = R.opd_loss(zs, zt, objective, y, 3, None, 0.7, student_softcap=5.0, teacher_softcap=8.0)
+    expected = R.opd_loss(R.softcapped(zs, 5.0), R.softcapped(zt, 8.0), objective, y, 3, None, 0.7)
+    torch.testing.assert_close(capped, expected, rtol=1e-12, atol=1e-12)
+    assert capped.item() != pytest.approx(R.opd_loss(zs, zt, objective, y, 3, None, 0.7).item())
+
+
+def test_linear_logits_bias_and_vocab_size():
+    h, w, b = rand(2, 4), rand(7, 4, seed=1), rand(7, seed=2)
+    torch.testing.assert_close(R.linear_logits(h, w, 5, b), (h @ w.T + b)[:, :5])
+    torch.testing.assert_close(R.linear_logits(h, w), h @ w.T)
+
+
+def test_topk_overlap_reverse_kl_and_token_logprobs():
+    zs, zt = rand(3, 9), rand(3, 9, seed=1)
+    y = torch.tensor([0, 4, 8])
+    s = R.topk_overlap(zs, zt, k=3, temperature=0.5, tokens=y)
+    torch.testing.assert_close(s.reverse_kl, R.reverse_kl(zs, zt, 0.5))
+    torch.testing.assert_close(s.student_logprob, R.token_logprobs(zs, y, 0.5))
+    torch.testing.assert_close(s.teacher_logprob, R.token_logprobs(zt, y, 0.5))
+    assert R.topk_overlap(zs, zt, k=3).student_logprob is None
