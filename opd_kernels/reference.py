@@ -90,9 +90,10 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
 
 def pass_results(student_logits: torch.Tensor, teacher_logits: torch.Tensor, needs: frozenset,
                  *, tokens: Optional[torch.Tensor] = None, k: int = 16, temperature: float = 1.0,
-                 beta: float = 0.5) -> PassResults:
+                 **params) -> PassResults:
     """Every per-row quantity of objectives.base.PassResults that ``needs`` asks for, from full
-    [N, V] logits (no gradient): what a backend's passes produce, stated plainly."""
+    [N, V] logits (no gradient): what a backend's passes produce, stated plainly. ``params``: the
+    objective's parameters (the mixture pass reads ``beta``)."""
     with torch.no_grad():
         x_s, x_t = student_logits / temperature, teacher_logits / temperature
         log_p, log_q = torch.log_softmax(x_s, -1), torch.log_softmax(x_t, -1)
@@ -107,6 +108,7 @@ def pass_results(student_logits: torch.Tensor, teacher_logits: torch.Tensor, nee
             r.support = topk_ids(x_s, k)
             r.student_at_support, r.teacher_at_support = x_s.gather(-1, r.support), x_t.gather(-1, r.support)
         if Need.MIXTURE in needs:
+            beta = params["beta"]
             log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
             r.mixture_student, r.mixture_teacher = kl(log_p, log_m), kl(log_q, log_m)
     return r
