@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import opd_kernels
-from opd_kernels import reference
-from opd_kernels.ops import triton_fused_linear
+from opd_kernels import objectives, reference
+from opd_kernels.backends import triton_fused, triton_fused_grad
+from opd_kernels.backends.triton_fused_grad import Side
 
 RTOL_FP32 = 2e-5
 
@@ -140,12 +141,16 @@ def test_topk_objective_never_runs_a_teacher_lm_head_pass(monkeypatch):
     """The teacher is read only through the k-row gather: its weight never reaches a tile pass."""
     x = _inputs(4, 1000, 32)
     passes = []
-    row_stats = triton_fused_linear._row_stats
-    monkeypatch.setattr(triton_fused_linear, "_row_stats",
-                        lambda hidden, weight, *a, **kw: passes.append(weight) or row_stats(hidden, weight, *a, **kw))
-    opd_kernels.fused_linear_opd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                                      x["teacher_weight"], objective="topk", k=4, backend="triton")
-    assert [w.data_ptr() for w in passes] == [x["student_weight"].data_ptr()]
+    row_stats = triton_fused._row_stats
+    monkeypatch.setattr(triton_fused, "_row_stats",
+                        lambda side, *a, **kw: passes.append(side.weight) or row_stats(side, *a, **kw))
+    monkeypatch.setattr(triton_fused, "_pair_pass", lambda *a, **kw: pytest.fail("a pair pass ran"))
+    for grad_in_forward in (True, False):
+        h = x["student_hidden"].clone().requires_grad_()
+        opd_kernels.fused_linear_opd_loss(h, x["student_weight"], x["teacher_hidden"],
+                                          x["teacher_weight"], objective="topk", k=4,
+                                          grad_in_forward=grad_in_forward, backend="triton").backward()
+    assert [w.data_ptr() for w in passes] == [x["student_weight"].data_ptr()] * 2
 
 
 def _assert_stats_close(ours, truth, mask):
@@ -196,7 +201,11 @@ def test_return_stats_matches_reference(objective):
     t64 = reference.linear_logits(x["teacher_hidden"].double(), x["teacher_weight"].double())
     expected = reference.opd_loss(s64, t64, objective, tokens=x["tokens"], k=4, mask=m)
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-7)
-    _assert_stats_close(stats, reference.topk_overlap(s64, t64, 4), m)
+    truth = reference.topk_overlap(s64, t64, 4, tokens=x["tokens"])
+    _assert_stats_close(stats, truth, m)
+    # the statistics always carry the full reverse KL (for "topk" the pair pass runs for it)
+    assert stats.reverse_kl is not None
+    assert stats.student_logprob is not None and stats.teacher_logprob is not None
 
 
 def test_leading_dims_and_mean_reduction():
@@ -218,23 +227,34 @@ def test_leading_dims_and_mean_reduction():
 
 
 def test_vocab_splits_merge_and_backward_chunks(monkeypatch):
-    """Partials from many vocabulary splits merge to the single-split result, and a backward
-    cut into several token chunks gives the one-chunk gradients."""
+    """Partials from many vocabulary splits merge to the single-split result (the single-model,
+    pair and mixture passes), and a backward cut into several token chunks gives the one-chunk
+    gradients."""
     x = _inputs(40, 3000, 32, seed=11)
     h, w = x["student_hidden"], x["student_weight"]
+    ht, wt = x["teacher_hidden"], x["teacher_weight"]
+    s, t = Side(h, w, None, 0.0), Side(ht, wt, None, 0.0)
     z = reference.linear_logits(h.double(), w.double())
+    z_t = reference.linear_logits(ht.double(), wt.double())
+    truth = reference.pass_results(z, z_t, frozenset(objectives.Need), beta=0.3)
     for splits in (1, 3, 6):
         k = 8 if splits == 3 else 0  # the top-k merge is slow in the interpreter: once is enough
-        st = triton_fused_linear._row_stats(h[:4] if k else h, w, 3000, 1.0, entropy=True, k=k,
-                                           splits=splits)
+        st = triton_fused._row_stats(Side(h[:4], w, None, 0.0) if k else s, 3000, 1.0,
+                                     entropy=True, k=k, splits=splits)
         rows = z[:4] if k else z
         torch.testing.assert_close(st.lse.double(), reference.logsumexp(rows), rtol=1e-6, atol=0)
         torch.testing.assert_close(st.entropy.double(), reference.entropy(rows), rtol=1e-4, atol=1e-5)
         if k:
             assert torch.equal(st.topk_ids, reference.topk_ids(rows, k))
+        lse_s, lse_t, rkl, fkl = triton_fused._pair_pass(s, t, 3000, 1.0, splits=splits)
+        j_p, j_q = triton_fused._mixture_pass(s, t, lse_s, lse_t, 3000, 1.0, 0.3, splits=splits)
+        for name, ours in dict(lse_s=lse_s, lse_t=lse_t, reverse_kl=rkl, forward_kl=fkl,
+                               mixture_student=j_p, mixture_teacher=j_q).items():
+            torch.testing.assert_close(ours.double(), getattr(truth, name), rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}, {splits} splits")
     ours, ref = _loss_pair(x, "full", 1, None, 1.0, None)
     one_chunk = _run(ours, h, w, x["upstream"])
-    monkeypatch.setattr(triton_fused_linear, "SCRATCH_BYTES", 16 * 1000 * 4)  # 16-row chunks
+    monkeypatch.setattr(triton_fused, "SCRATCH_BYTES", 16 * 1000 * 4)  # 16-row chunks
     _assert_fp32(_run(ours, h, w, x["upstream"]), _run(ref, h, w, x["upstream"], torch.float64))
     for a, b in zip(_run(ours, h, w, x["upstream"]), one_chunk):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
@@ -256,7 +276,7 @@ def test_teacher_gets_no_gradient_and_frozen_weight_is_skipped():
 def test_weight_grad_dtype_is_the_weights():
     x = _inputs(4, 1000, 32, dtype=torch.float16)
     w = x["student_weight"].clone().requires_grad_()
-    for objective in ("sampled", "topk"):
+    for objective in ("sampled", "topk", "topk_pg"):
         loss = opd_kernels.fused_linear_opd_loss(
             x["student_hidden"], w, x["teacher_hidden"], x["teacher_weight"], objective=objective,
             tokens=x["tokens"], k=4, weight_grad_dtype=torch.float32, backend="triton")
@@ -300,22 +320,26 @@ def test_backward_frees_its_chunk_scratch_before_the_weight_cast(monkeypatch):
     cast to the weight's dtype, so the two allocations do not add up at the backward's peak."""
     vocab = 300
     x = _inputs(5, vocab, 16, dtype=torch.float16)
-    cast = triton_fused_linear._finish_weight_grad
-    alive = []
+    cast = triton_fused_grad.finish
+    alive, casts = [], []
 
-    def checked_cast(grad_weight, weight):
-        caller = sys._getframe(1).f_locals  # the backward that calls the cast
+    def checked_cast(grad, like):
+        caller = sys._getframe(1).f_locals  # the function that calls the cast
+        casts.append(grad)
         alive.extend(name for name, v in caller.items()
                      if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == vocab)
-        return cast(grad_weight, weight)
+        return cast(grad, like)
 
-    monkeypatch.setattr(triton_fused_linear, "_finish_weight_grad", checked_cast)
-    h = x["student_hidden"].requires_grad_()
-    w = x["student_weight"].requires_grad_()
-    opd_kernels.fused_linear_opd_loss(h, w, x["teacher_hidden"], x["teacher_weight"],
-                                      objective="full", reduction="none",
-                                      backend="triton").sum().backward()
-    assert w.grad is not None and not alive, alive
+    monkeypatch.setattr(triton_fused_grad, "finish", checked_cast)
+    for reduction in ("none", "mean"):  # recomputed in the backward; computed in the forward
+        h = x["student_hidden"].clone().requires_grad_()
+        w = x["student_weight"].clone().requires_grad_()
+        loss = opd_kernels.fused_linear_opd_loss(h, w, x["teacher_hidden"], x["teacher_weight"],
+                                                 objective="full", reduction=reduction,
+                                                 backend="triton")
+        loss.sum().backward()
+        assert w.grad is not None and not alive, (reduction, alive)
+    assert len(casts) == 4  # dW and db (None) of each path
 
 
 def test_fp32_matmuls_of_either_model_use_ieee_precision():

@@ -1,5 +1,5 @@
 """The fused-linear loss reduced to a scalar with its gradient computed in the forward
-(triton_fused_linear.fused_linear_opd_loss_reduced), interpreted on CPU, against the reference on
+(backends/triton_fused_grad.py, ``reduced_loss``), interpreted on CPU, against the reference on
 float64 logits: values and gradients w.r.t. the student's hidden states and weight for an
 upstream scalar != 1, and the same numbers as the per-row path (``grad_in_forward=False``)."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 import opd_kernels
 from opd_kernels import reference
-from opd_kernels.ops import triton_fused_linear
+from opd_kernels.backends import triton_fused, triton_fused_grad
 from test_triton_fused_linear import (_assert_fp32, _assert_stats_close, _check, _inputs, _mask,
                                       _run)
 
@@ -52,7 +52,7 @@ def test_reduced_loss_and_gradients_match_reference(objective, reduction, n, voc
         assert grad_w[vocab_size:].abs().max() == 0
 
 
-@pytest.mark.parametrize("objective", ["full", "sampled"])
+@pytest.mark.parametrize("objective", ["full", "sampled", "topk_pg"])
 def test_gradient_in_forward_equals_recomputation_over_several_chunks(objective, monkeypatch):
     """Two-row chunks: each lm_head product runs once a chunk, the backward recomputes nothing,
     and the numbers are those of the per-row path and of one chunk."""
@@ -66,19 +66,21 @@ def test_gradient_in_forward_equals_recomputation_over_several_chunks(objective,
     per_row = _run(recomputed, *args)
 
     products = []
-    logits_into = triton_fused_linear._logits_into
-    monkeypatch.setattr(triton_fused_linear, "_logits_into",
+    logits_into = triton_fused_grad.logits_into
+    monkeypatch.setattr(triton_fused_grad, "logits_into",
                         lambda out, h, w: products.append(w.data_ptr()) or logits_into(out, h, w))
-    monkeypatch.setattr(triton_fused_linear, "SCRATCH_BYTES", 2 * vocab * (4 + 4 + 4))
-    monkeypatch.setattr(triton_fused_linear._DensePlan, "backward",
+    monkeypatch.setattr(triton_fused, "SCRATCH_BYTES", 2 * vocab * (4 + 4 + 4))
+    monkeypatch.setattr(triton_fused_grad.Backward, "__call__",
                         lambda *a: pytest.fail("the gradient-in-forward path recomputed logits"))
     chunked = _run(ours, *args)
     student, teacher = x["student_weight"].data_ptr(), x["teacher_weight"].data_ptr()
     assert products == [student, teacher] * 5
-    # fp32 GEMMs over different row counts round differently: agreement to ~1e-6 of the scale
+    # fp32 GEMMs over different row counts round differently: agreement to ~1e-6 of the scale;
+    # the per-row path's passes are other kernels (fused tiles, not the logits over a scratch),
+    # and "sampled"'s mean of -r log p(y) cancels to ~1e-5 of its terms
     for a, b, c in zip(chunked, one_chunk, per_row):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
-        assert (a - c).abs().max() <= 1e-5 * c.abs().max()
+        assert (a - c).abs().max() <= 2e-5 * c.abs().max()
     _assert_fp32(chunked, _run(ref, x["student_hidden"], x["student_weight"], UPSTREAM, torch.float64))
 
 
@@ -89,9 +91,9 @@ def test_statistics_ride_the_gradient_pass(objective, monkeypatch):
     n = 6
     x = _inputs(n, 600, 32, 48, seed=4)
     m = _mask("some", n)
-    monkeypatch.setattr(triton_fused_linear, "SCRATCH_BYTES", 2 * 600 * 12)
-    monkeypatch.setattr(triton_fused_linear, "_row_stats",
-                        lambda *a, **kw: pytest.fail("a separate statistics pass ran"))
+    monkeypatch.setattr(triton_fused, "SCRATCH_BYTES", 2 * 600 * 12)
+    for name in ("_row_stats", "_pair_pass", "_gather"):
+        monkeypatch.setattr(triton_fused, name, lambda *a, **kw: pytest.fail("a tile pass ran"))
     h = x["student_hidden"].clone().requires_grad_()
     loss, stats = opd_kernels.fused_linear_opd_loss(
         h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"], objective=objective,
@@ -101,13 +103,14 @@ def test_statistics_ride_the_gradient_pass(objective, monkeypatch):
     t64 = reference.linear_logits(x["teacher_hidden"].double(), x["teacher_weight"].double())
     expected = reference.opd_loss(s64, t64, objective, tokens=x["tokens"], k=4, mask=m)
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-7)
-    _assert_stats_close(stats, reference.topk_overlap(s64, t64, 4), m)
+    _assert_stats_close(stats, reference.topk_overlap(s64, t64, 4, tokens=x["tokens"]), m)
+    assert stats.reverse_kl is not None and stats.teacher_logprob is not None
     assert h.grad is not None
 
 
 def test_no_gradient_work_without_a_student_that_needs_one(monkeypatch):
     x = _inputs(4, 500, 32)
-    monkeypatch.setattr(triton_fused_linear, "_dense_loss_and_grads",
+    monkeypatch.setattr(triton_fused_grad, "reduced_loss",
                         lambda *a, **kw: pytest.fail("gradients computed with nothing to receive them"))
     h = x["student_hidden"].clone().requires_grad_()
     ht, wt = x["teacher_hidden"], x["teacher_weight"]

@@ -1,10 +1,10 @@
 """The logits-form kernels as the fused-linear gradient-in-forward path launches them.
 
-That path (backends/triton_fused.py) writes one token chunk of both models' logits u = h W^T
-into an fp32 scratch with cuBLAS, then runs the logits backend's kernels over it: ``row_stats``
-(lse, both KLs or token log-probs, top-k statistics), ``row_mixture`` (the JSD) and
-``row_grad`` (dL/du, stored in the input dtype for the two GEMMs that follow). Those are
-specializations the logits backend itself never launches (fp32 logits with mask and tokens,
+That path (backends/triton_fused_grad.py, ``reduced_loss``) writes one token chunk of both
+models' logits u = h W^T + b into an fp32 scratch with cuBLAS, then runs the logits backend's
+kernels over it: ``row_stats`` (lse, both KLs or token log-probs, top-k statistics),
+``row_mixture`` (the JSD) and ``row_grad`` (dL/du, stored in the input dtype for the two GEMMs
+that follow). Those are specializations the logits backend itself never launches (fp32 logits with mask and tokens,
 fp32 logits with a bf16/fp16 gradient), so they are listed here for the ahead-of-time compile.
 No kernel of its own lives here.
 """

@@ -1,12 +1,16 @@
-"""The logits tile every fused-linear kernel is built on: z = (h W^T) / tau for a block of rows
-and a block of vocabulary ids, accumulated in fp32 over the hidden dimension with ``tl.dot``.
+"""The logits tile every fused-linear kernel is built on: z = softcap(h W^T + b) for a block of
+rows and a block of vocabulary ids, accumulated in fp32 over the hidden dimension with ``tl.dot``.
 
 Operands stay in their storage dtype so that bf16/fp16 reach the tensor cores (HGMMA on sm_90);
-fp32 inputs use ``ieee`` precision (tf32 would cost ~1e-3 relative error). Rows past ``n_rows``
-and ids past ``n_vocab`` load zeros: callers mask them out of their statistics.
+fp32 inputs use ``ieee`` precision (tf32 would cost ~1e-3 relative error). The bias (HAS_BIAS)
+is added in fp32 to the accumulator, then the soft-cap c tanh(u / c) (``cap`` a runtime float,
+0 = none). The temperature is left to the caller, which also needs z itself for dz/du.
+Rows past ``n_rows`` and ids past ``n_vocab`` load zeros: callers mask them out of their sums.
 """
 import triton
 import triton.language as tl
+
+from opd_kernels.kernels.online_softmax import softcapped
 
 AOT_SPECS = []  # helpers only: compiled as part of the kernels that use them
 
@@ -20,12 +24,17 @@ def dot_precision(*hidden_names):
     return rule
 
 
+def has(name):
+    """A triton.heuristics rule: True when the optional pointer argument ``name`` is given."""
+    return lambda args: args[name] is not None
+
+
 @triton.jit
-def logits_tile(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_vocab, hidden_size,
-                stride_hn, stride_wv, inv_tau,
+def logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, n_rows, n_vocab, hidden_size,
+                stride_hn, stride_wv, cap,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] tile of hidden[offs_n] @ weight[offs_v]^T * inv_tau."""
+                HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] tile of softcap(hidden[offs_n] @ weight[offs_v]^T + bias[offs_v])."""
     offs_h = tl.arange(0, BLOCK_H)
     row_ok = offs_n < n_rows
     col_ok = offs_v < n_vocab
@@ -40,4 +49,7 @@ def logits_tile(hidden_ptr, weight_ptr, offs_n, offs_v, n_rows, n_vocab, hidden_
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
-    return acc * inv_tau
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return softcapped(acc, cap)
+

@@ -1,1 +1,0 @@
-"""Launchers of the fused-linear Triton backend while it moves to opd_kernels.backends."""
