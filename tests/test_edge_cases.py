@@ -73,3 +73,52 @@ def test_both_models_exclude_the_same_ids(backend, objective, params):
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[:, [2, 7]] == 0).all()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad[:, keep].double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+OBJECTIVE_CASES = [(n, {}) for n in objectives.names() if n != "jsd"] + [("jsd", {"beta": 0.3})]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("objective, params", OBJECTIVE_CASES)
+def test_empty_batch_every_objective_both_forms(backend, objective, params):
+    zs = torch.zeros(0, 3, 40, requires_grad=True)
+    tokens = torch.zeros(0, 3, dtype=torch.long)
+    loss = O.opd_loss(zs, torch.zeros(0, 3, 40), objective=objective, tokens=tokens, k=4,
+                      reduction="none", backend=backend, **params)
+    assert loss.shape == (0, 3)
+    h, w = torch.zeros(0, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    for reduction in ("none", "mean"):
+        loss = O.fused_linear_opd_loss(h, w, torch.zeros(0, 6), torch.randn(40, 6),
+                                       objective=objective, tokens=torch.zeros(0, dtype=torch.long),
+                                       k=4, reduction=reduction, backend=backend, **params)
+        (grad_w,) = torch.autograd.grad(loss.sum(), w)
+        assert (grad_w == 0).all() and (loss == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("objective, params", OBJECTIVE_CASES)
+def test_logits_near_1e4_every_objective(backend, objective, params):
+    # Centered sums: rows near +-1e4 lose nothing to cancellation (an fp32 lse there is off by
+    # ~1e-3, which the split lse and centered accumulators keep out of the values).
+    g = torch.Generator().manual_seed(3)
+    zs = torch.randn(4, 300, generator=g, dtype=torch.float64) * 2 + torch.tensor([1e4, -1e4, 1e4, 0.0])[:, None]
+    zt = torch.randn(4, 300, generator=g, dtype=torch.float64) * 2 + torch.tensor([1e4, -1e4, -1e4, 1e4])[:, None]
+    tokens = torch.tensor([0, 17, 299, 150])
+    x = zs.float().requires_grad_()
+    loss = O.opd_loss(x, zt.float(), objective=objective, tokens=tokens, k=8, reduction="none",
+                      backend=backend, **params)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    y = zs.clone().requires_grad_()
+    expected = R.opd_loss(y, zt, objective, tokens, 8, None, 1.0, "none", **params)
+    (g_ref,) = torch.autograd.grad(expected.sum(), y)
+    # the logits themselves are rounded to fp32 (ulp 1e-3 at 1e4): compare with the reference on
+    # the rounded logits, to the precision fp32 arithmetic has on O(1) differences
+    expected_rounded = R.opd_loss(zs.float().double(), zt.float().double(), objective, tokens, 8,
+                                  None, 1.0, "none", **params)
+    torch.testing.assert_close(loss.double(), expected_rounded, rtol=1e-4, atol=1e-4)
+    y_rounded = zs.float().double().requires_grad_()
+    (g_rounded,) = torch.autograd.grad(
+        R.opd_loss(y_rounded, zt.float().double(), objective, tokens, 8, None, 1.0, "none",
+                   **params).sum(), y_rounded)
+    torch.testing.assert_close(grad.double(), g_rounded, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(expected).all() and g_ref.shape == grad.shape

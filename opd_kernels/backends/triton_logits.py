@@ -147,18 +147,21 @@ def passes(student: torch.Tensor, teacher: Optional[torch.Tensor], *, needs: fro
     rp = row_pass(student, teacher if full_teacher else None, tokens, mask, k if support else 0,
                   temperature, student_softcap, teacher_softcap)
     f = rp.field
-    r = PassResults(lse_s=f("lse_s"), tokens=tokens)
+    # lse and x at the support centered on the row's max (PassResults allows the shared offset)
+    r = PassResults(lse_s=f("logsum_s"), tokens=tokens)
     if tokens is not None:
         r.student_logprob = f("student_logprob")
     if full_teacher:
-        r.lse_t, r.reverse_kl, r.forward_kl = f("lse_t"), f("kl"), f("forward_kl")
+        r.lse_t, r.reverse_kl, r.forward_kl = f("logsum_t"), f("kl"), f("forward_kl")
         if tokens is not None:
             r.teacher_logprob = f("teacher_logprob")
     if support:
         r.support = rp.top_ids
-        at = lambda z, cap: _capped(z.gather(1, rp.top_ids).float(), cap) / temperature
-        r.student_at_support = at(student, student_softcap)
-        r.teacher_at_support = at(teacher, teacher_softcap)
+        at = lambda z, cap, center: (_capped(z.gather(1, rp.top_ids).float(), cap) / temperature
+                                     - center[:, None])
+        r.student_at_support = at(student, student_softcap, f("max_s"))
+        r.teacher_at_support = at(teacher, teacher_softcap,
+                                  f("max_t") if full_teacher else torch.zeros_like(f("max_s")))
         if mask is not None:  # finite stand-ins at uncounted rows (their ids are 0)
             blank = lambda x: torch.where(mask[:, None], x, torch.zeros_like(x))
             r.student_at_support, r.teacher_at_support = map(blank, (r.student_at_support,
@@ -258,10 +261,11 @@ class TritonLogitsBackend(Backend):
 
     def logsumexp(self, model: Model, temperature, vocab_size):
         logits = _rows(model.logits)
-        r, rp = passes(logits, None, needs=frozenset(), temperature=temperature,
+        _, rp = passes(logits, None, needs=frozenset(), temperature=temperature,
                        student_softcap=model.softcap)
-        form = GradForm(shift=torch.ones_like(r.lse_s))
-        return _attach(logits, r.lse_s, None, rp, form, None, temperature, (model.softcap, None))
+        lse = rp.field("lse_s")
+        return _attach(logits, lse, None, rp, GradForm(shift=torch.ones_like(lse)), None,
+                       temperature, (model.softcap, None))
 
     def token_logprobs(self, model: Model, tokens, temperature, vocab_size):
         logits, tokens = _rows(model.logits), tokens.contiguous()

@@ -30,8 +30,9 @@ def mixture_kernel(
     block_end = tl.minimum(block_begin + blocks_per_split, tl.cdiv(n_vocab, BLOCK_V))
     if HAS_MASK:  # an uncounted row runs no iteration
         block_end = tl.where(tl.load(mask_ptr + row) != 0, block_end, block_begin)
-    shift_s = tl.load(max_s_ptr + row) + tl.load(logsum_s_ptr + row)
-    shift_t = tl.load(max_t_ptr + row) + tl.load(logsum_t_ptr + row)
+    # log p = (x - max) - logsum from the split lse: an fp32 lse near |x| = 1e4 is off by ~1e-3
+    max_s, logsum_s = tl.load(max_s_ptr + row), tl.load(logsum_s_ptr + row)
+    max_t, logsum_t = tl.load(max_t_ptr + row), tl.load(logsum_t_ptr + row)
     j_p = tl.zeros([BLOCK_V], tl.float32)
     j_q = tl.zeros([BLOCK_V], tl.float32)
     for block in range(block_begin, block_end):
@@ -41,8 +42,8 @@ def mixture_kernel(
                                  other=0.0).to(tl.float32), cap_s)
         z_t = softcapped(tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
                                  other=0.0).to(tl.float32), cap_t)
-        log_p = tl.where(in_vocab, z_s * inv_tau - shift_s, float("-inf"))
-        log_q = tl.where(in_vocab, z_t * inv_tau - shift_t, float("-inf"))
+        log_p = tl.where(in_vocab, (z_s * inv_tau - max_s) - logsum_s, float("-inf"))
+        log_q = tl.where(in_vocab, (z_t * inv_tau - max_t) - logsum_t, float("-inf"))
         log_m = log_mixture(log_p, log_q, log_beta, log_1m_beta)
         p = tl.exp(log_p)
         q = tl.exp(log_q)

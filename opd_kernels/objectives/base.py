@@ -39,7 +39,10 @@ class Need(enum.Enum):
 @dataclass
 class PassResults:
     """What a backend's passes computed, per row ([N] fp32 unless noted), in units of x = z / tau.
-    Fields an objective does not need may be None."""
+    Fields an objective does not need may be None. A model's lse and its x at the support may
+    share a per-row offset (a backend may center both on the row's max, so that fp32 keeps
+    their difference exact at logits near 1e4): objectives read only x - lse and differences of
+    x, never x or lse alone."""
 
     lse_s: torch.Tensor
     lse_t: Optional[torch.Tensor] = None
