@@ -131,6 +131,20 @@ def _liger_chunked_jsd(case, mode, x, k, tau):
     return lambda: loss(x.student, x.student_weight, x.teacher, x.teacher_weight, x.tokens)
 
 
+def _trl_applies(case, mode, tau):
+    """TRL's loss head is the generalized JSD in the fused form; beta = 1 is the reverse KL."""
+    return case.form == "fused" and (case.objective == "jsd" or _is_reverse_kl(case))
+
+
+def _trl_chunked_divergence(case, mode, x, k, tau):
+    """TRL's ChunkedDivergenceFunction (the head of DistillationTrainer), mean over the rows."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    beta = case.objective_params.get("beta", 1.0)
+    return lambda: ChunkedDivergenceFunction.apply(x.student, x.student_weight, None, x.teacher,
+                                                   x.teacher_weight, None, beta, tau)[0].mean()
+
+
 def _cce_applies(case, mode, tau):
     """Token log-probs, and the lse forward (CCE has no lse backward of its own); no temperature."""
     return case.form == "fused" and tau == 1.0 and (
@@ -157,11 +171,13 @@ IMPLS = {impl.name: impl for impl in (
     Impl("liger-fused-jsd", "peer", _liger_fused_jsd, _kl_in("fused"), peer="liger_kernel"),
     Impl("liger-chunked-jsd", "peer", _liger_chunked_jsd, _kl_in("fused"), peer="liger_kernel"),
     Impl("cce", "peer", _cce, _cce_applies, peer="cut_cross_entropy"),
+    Impl("trl-chunked-divergence", "peer", _trl_chunked_divergence, _trl_applies, peer="trl"),
 )}
 GPU_IMPLS = ("opd-triton", "eager", "compile", "liger-jsd", "liger-fused-jsd",
-             "liger-chunked-jsd", "cce")
+             "liger-chunked-jsd", "cce", "trl-chunked-divergence")
 CPU_IMPLS = ("opd-torch", "eager")
-PEER_PACKAGES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}
+PEER_PACKAGES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy",
+                 "trl": "trl"}
 
 
 def peer_status(module: str) -> str:

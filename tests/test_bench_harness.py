@@ -80,10 +80,12 @@ def test_absent_and_unusable_peers_are_listed(monkeypatch, tmp_path):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     assert peer_status("cut_cross_entropy") == "absent"
     payload = runner.run(tiny_config(("opd-torch", "liger-fused-jsd", "cce")), log=lambda *_: None)
-    assert payload["meta"]["peers"] == {"liger_kernel": "absent", "cut_cross_entropy": "absent"}
+    assert payload["meta"]["peers"] == {"liger_kernel": "absent", "cut_cross_entropy": "absent",
+                                        "trl": "absent"}
     assert payload["meta"]["impls"] == ["opd-torch"]
     assert {r["impl"] for r in payload["rows"]} == {"opd-torch"}
-    assert "Peers: liger_kernel absent, cut_cross_entropy absent." in report.markdown(payload)
+    assert "Peers: liger_kernel absent, cut_cross_entropy absent, trl absent." in \
+        report.markdown(payload)
 
 
 def test_priority_cases_get_every_implementation_first(monkeypatch):
@@ -181,6 +183,26 @@ def test_peers_time_the_objective_they_compute():
     applies = IMPLS["liger-jsd"].applies
     assert {op for op in OPS if applies(Case(op, "logits", TINY, 4), "fwd", 1.0)} == \
         {"reverse_kl", f"opd_{PEER_KL_OBJECTIVE}"}
+
+
+@pytest.mark.parametrize("op", ["opd_jsd_beta0", "opd_jsd", "opd_jsd_beta1", "opd_full"])
+def test_trl_peer_computes_our_jsd(op):
+    """TRL's ChunkedDivergenceFunction (its PyTorch fallback here) times the same loss as ours."""
+    pytest.importorskip("trl")
+    from bench.workloads import make_inputs
+
+    case = Case(op, "fused", TINY, 6)
+    assert IMPLS["trl-chunked-divergence"].applies(case, "fwd+bwd", 0.7)
+    assert not IMPLS["trl-chunked-divergence"].applies(Case("opd_topk", "fused", TINY, 6), "fwd", 1.0)
+    results = []
+    for impl in ("trl-chunked-divergence", "opd-torch"):
+        x = make_inputs(case, torch.float32, torch.device("cpu"), requires_grad=True)
+        loss = IMPLS[impl].build(case, "fwd+bwd", x, 4, 0.7)()
+        results.append((loss, torch.autograd.grad(loss, (x.student, x.student_weight))))
+    (theirs, their_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_floors_follow_kernel_design():

@@ -1,0 +1,1 @@
+"""Integrations with the trainers people already run; each needs its optional extra."""
