@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from opd_kernels import reference
-from opd_kernels.objectives import GradForm, Need
+from opd_kernels.objectives import GradForm, Need, reads_full_teacher
 
 from .registry import OPS, Case, ObjectiveOp
 
@@ -100,7 +100,8 @@ def gradient_form(objective: ObjectiveOp) -> GradForm:
 def objective_reads(objective: ObjectiveOp) -> tuple[int, int]:
     """(forward, backward) reads of an [N, V] logits tensor an objective cannot avoid.
 
-    Forward, from its needs: TEACHER_FULL reads both models at every id; SUPPORT alone reads the
+    Forward, from its needs: a dense teacher read in full (``reads_full_teacher``: its whole
+    distribution, or log q at the tokens) reads both models at every id; SUPPORT alone reads the
     student only (the teacher at k ids is negligible); MIXTURE is one more read of both (the
     mixture sums need both final normalizers first). Backward, from its gradient form: a dense
     gradient reads the student again (its softmax), and the teacher too where q enters it at
@@ -108,7 +109,7 @@ def objective_reads(objective: ObjectiveOp) -> tuple[int, int]:
     reads neither.
     """
     needs = objective.needs
-    fwd = (2 if Need.TEACHER_FULL in needs else 1) + (2 if Need.MIXTURE in needs else 0)
+    fwd = (2 if reads_full_teacher(needs) else 1) + (2 if Need.MIXTURE in needs else 0)
     grad = gradient_form(objective)
     bwd = 0 if not grad.dense else 1 + bool(grad.reverse or grad.forward or grad.mixture)
     return fwd, bwd
@@ -140,7 +141,7 @@ def fused_floor_flops(op: str, mode: str, n: int, vocab: int, hs: int, ht: int, 
 
     One model's logits cost 2NVH. logsumexp / token log-probs use the student only; KL and the
     statistics both models' full products. An objective, from its needs: the student's product
-    always; the teacher's full product with TEACHER_FULL, else (SUPPORT alone) its logits at k ids
+    always; the teacher's full product where ``reads_full_teacher``, else its logits at k ids
     (2NkHt); MIXTURE recomputes both products in its second pass (the fused form keeps no logits).
     Backward: a dense gradient over the logits costs dh (2NVHs) plus dW (2NVHs); a k-sparse one
     2NkHs each.
@@ -153,7 +154,7 @@ def fused_floor_flops(op: str, mode: str, n: int, vocab: int, hs: int, ht: int, 
         fwd, bwd = student + teacher, 2 * student
     else:
         needs = objective.needs
-        fwd = student + (teacher if Need.TEACHER_FULL in needs else 2 * n * k * ht)
+        fwd = student + (teacher if reads_full_teacher(needs) else 2 * n * k * ht)
         fwd += (student + teacher) if Need.MIXTURE in needs else 0
         bwd = 2 * student if gradient_form(objective).dense else 4 * n * k * hs
     return fwd + (bwd if mode == "fwd+bwd" else 0)

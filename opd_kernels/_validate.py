@@ -174,3 +174,62 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def served_teacher(ids, logprobs, token_logprob, logprobs_at, lead: torch.Size, vocab: int,
+                   device: torch.device, counted: Optional[torch.Tensor], stats_k: Optional[int],
+                   mass_tolerance: float):
+    """A served teacher's answer: shapes and dtypes, then (one host synchronization) its values
+    at the counted positions: ids in [0, vocab) and distinct in a row, log-probs not NaN and
+    <= 0, the top-K mass <= 1 (within ``mass_tolerance``), and k <= K where the statistics
+    compare the student's top-k with the teacher's. Returns K."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
+            or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor [..., K] of token ids, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    floating("teacher_logprobs", logprobs)
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead or ids.shape[-1] < 1:
+        raise ValueError(f"teacher_ids shape {tuple(ids.shape)} must be the positions' shape "
+                         f"{tuple(lead)} plus K >= 1")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs shape {tuple(logprobs.shape)} != teacher_ids shape "
+                         f"{tuple(ids.shape)} (one log-prob for each of the K ids)")
+    top_k = ids.shape[-1]
+    if top_k > vocab:
+        raise ValueError(f"teacher_ids has K={top_k} ids a position, more than the vocabulary {vocab}")
+    same_device(teacher_ids=ids, teacher_logprobs=logprobs)
+    if ids.device != device:
+        raise ValueError(f"teacher_ids is on {ids.device} but the student is on {device}")
+    if token_logprob is not None:
+        floating("teacher_token_logprob", token_logprob)
+        _one_per_position("teacher_token_logprob", token_logprob, lead, device)
+    if logprobs_at is not None:
+        floating("teacher_logprobs_at", logprobs_at)
+        if logprobs_at.shape[:-1] != lead or logprobs_at.device != device:
+            raise ValueError(f"teacher_logprobs_at shape {tuple(logprobs_at.shape)} must be the "
+                             f"positions' shape {tuple(lead)} plus k, on {device}")
+    if stats_k is not None and stats_k > top_k:
+        raise ValueError(f"k={stats_k} > K={top_k}: the statistics compare the student's top-k "
+                         f"with the teacher's, which needs k <= K served ids")
+    pick = (lambda t: t.reshape(-1, *t.shape[len(lead):])) if counted is None else \
+        (lambda t: t[counted])
+    ids_c, lp_c = pick(ids), pick(logprobs).float()
+    sorted_ids = ids_c.sort(-1).values
+    problems = {
+        "teacher_ids holds an id outside the vocabulary [0, %d)" % vocab:
+            ((ids_c < 0) | (ids_c >= vocab)).any(),
+        "teacher_ids repeats an id within a position (a different tokenizer, or a malformed answer)":
+            (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(),
+        "teacher_logprobs holds NaN or a value above 0": (lp_c.isnan() | (lp_c > 0)).any(),
+        "teacher_logprobs' top-K mass exceeds 1 at a position (log-probs of another distribution?)":
+            (torch.logsumexp(lp_c, -1) > math.log1p(mass_tolerance)).any(),
+    }
+    for name, t in (("teacher_token_logprob", token_logprob), ("teacher_logprobs_at", logprobs_at)):
+        if t is not None:
+            v = pick(t).float()
+            problems[f"{name} holds NaN or a value above 0"] = (v.isnan() | (v > 0)).any()
+    flags = torch.stack(list(problems.values())).tolist() if ids_c.numel() else []
+    for message, bad in zip(problems, flags):
+        if bad:
+            raise ValueError(message)
+    return top_k

@@ -20,6 +20,7 @@ Conventions shared by every function:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ from . import objectives
 from .backends import LossCall, Model, resolve
 from .objectives import Need
 from .reference import reduce
+from .served import MASS_TOLERANCE, MISSING, ServedTeacher
 from .stats import TopKStats
 
 # What the statistics add to an objective's own needs: both models' full passes and the top-k.
@@ -304,3 +306,165 @@ def fused_linear_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                 ignore_index=ignore_index, backend=backend,
                 weight_grad_dtype=check.weight_grad_dtype(weight_grad_dtype),
                 grad_in_forward=check.flag("grad_in_forward", grad_in_forward))
+
+
+# ---- a served (sparse) teacher -------------------------------------------------------------------
+
+def _served(teacher_ids, teacher_logprobs, teacher_token_logprob, teacher_logprobs_at, lead, vocab,
+            device, mask, stats_k) -> ServedTeacher:
+    """The checked answer, rows flattened; uncounted rows get harmless stand-ins (distinct ids
+    0..K-1, log-probs log(1/K), 0) so that no backend gathers or logs anything invalid there."""
+    top_k = check.served_teacher(teacher_ids, teacher_logprobs, teacher_token_logprob,
+                                 teacher_logprobs_at, lead, vocab, device, mask, stats_k,
+                                 MASS_TOLERANCE)
+    ids = _rows(teacher_ids.long(), top_k)
+    logprobs = _rows(teacher_logprobs.float(), top_k)
+    token_logprob = _rows(None if teacher_token_logprob is None else teacher_token_logprob.float())
+    logprobs_at = (None if teacher_logprobs_at is None
+                   else _rows(teacher_logprobs_at.float(), teacher_logprobs_at.shape[-1]))
+    if mask is not None:
+        rows = _rows(mask)[:, None]
+        ids = torch.where(rows, ids, torch.arange(top_k, device=device))
+        logprobs = torch.where(rows, logprobs, torch.full_like(logprobs, -math.log(top_k)))
+        blank = lambda t, r: None if t is None else torch.where(r, t, torch.zeros_like(t))
+        token_logprob, logprobs_at = blank(token_logprob, rows[:, 0]), blank(logprobs_at, rows)
+    return ServedTeacher(ids, logprobs.contiguous(), token_logprob, logprobs_at)
+
+
+def _run_served(form: str, student: Model, lead, vocab: int, device, *, teacher_ids,
+                teacher_logprobs, teacher_token_logprob, teacher_logprobs_at, objective,
+                objective_params, tokens, k, mask, temperature, reduction, return_stats,
+                ignore_index, backend, **options):
+    objective = objectives.get(objective)
+    params = objective.check_params(objective_params)
+    needs = objective.needs(params)
+    mask = check.mask(mask, lead, device)
+    tau = check.temperature(temperature)
+    check.choice("reduction", reduction, check.REDUCTIONS)
+    return_stats = check.flag("return_stats", return_stats)
+    if Need.TOKENS in needs and tokens is None:
+        raise ValueError(f"objective={objective.name!r} needs tokens (the sampled token ids, one a "
+                         f"position)")
+    if tokens is not None:
+        tokens, mask = check.tokens(tokens, lead, vocab, device, mask, check.ignore_index(ignore_index))
+        tokens = _counted_ids(tokens, mask)
+    if Need.SUPPORT in needs or return_stats:
+        k = check.k(k, vocab)
+    teacher = _served(teacher_ids, teacher_logprobs, teacher_token_logprob, teacher_logprobs_at,
+                      lead, vocab, device, mask, k if return_stats else None)
+    missing = needs - teacher.quantities
+    if missing:
+        what = [MISSING[m] for m in sorted(missing, key=lambda m: m.name)]
+        if None in what:
+            raise ValueError(f"objective {objective.name!r} needs {', '.join(m.value for m in missing)}"
+                             f", which a served teacher does not give (its objectives: "
+                             f"{objectives.names('served')})")
+        raise ValueError(f"objective {objective.name!r} with a served teacher needs "
+                         + "; ".join(what))
+    if Need.SUPPORT in needs and teacher.logprobs_at.shape[-1] != k:
+        raise ValueError(f"teacher_logprobs_at has {teacher.logprobs_at.shape[-1]} log-probs a "
+                         f"position but k={k} (one for each of the student's top-k ids)")
+    chosen = resolve(backend, form, [*student.tensors, *teacher.tensors], objective=objective,
+                     k=k if Need.SUPPORT in needs or return_stats else None, served=True)
+    call = LossCall(student=student, teacher=teacher, objective=objective, params=params,
+                    needs=needs, tokens=_rows(tokens), mask=_rows(mask), k=k, temperature=tau,
+                    vocab_size=vocab, reduction=reduction, return_stats=return_stats, **options)
+    result = chosen.served_loss(call)
+    loss = reduce(result.values.reshape(lead), mask, reduction)
+    return (loss, _shaped_stats(result.stats, lead, mask)) if return_stats else loss
+
+
+def sparse_teacher_opd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                            teacher_logprobs: torch.Tensor, *, objective="teacher_topk",
+                            teacher_token_logprob: Optional[torch.Tensor] = None,
+                            teacher_logprobs_at: Optional[torch.Tensor] = None,
+                            tokens: Optional[torch.Tensor] = None, k: int = 16,
+                            mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                            reduction: str = "mean", return_stats: bool = False,
+                            ignore_index: Optional[int] = -100,
+                            student_softcap: Optional[float] = None, backend: str = "auto",
+                            **objective_params):
+    """An OPD objective against a served teacher: its top-K ``teacher_ids`` [..., K] and
+    ``teacher_logprobs`` [..., K] at each position (nothing of size V on the teacher's side).
+
+    Objectives (``objectives.names("served")``): "teacher_topk" (forward KL over T plus a tail
+    bin), "teacher_topk_renormalized" (both renormalized over T), "sampled" (needs
+    ``teacher_token_logprob``, log q of each of ``tokens``), "topk" (the paper's eq. 5; needs
+    ``teacher_logprobs_at``, log q at the student's top-k ids as ``student_topk_ids`` returns
+    them). The teacher's log-probs are used as served: serve them at the loss temperature. With
+    ``return_stats=True`` the statistics compare the student's top-k with the teacher's first k
+    (k <= K): exact overlap and masses, the teacher's entropy as a lower bound.
+    """
+    check.logits("student_logits", student_logits)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    student = _logits_model(student_logits, check.softcap("student_softcap", student_softcap))
+    return _run_served("logits", student, lead, vocab, student_logits.device,
+                       teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs,
+                       teacher_token_logprob=teacher_token_logprob,
+                       teacher_logprobs_at=teacher_logprobs_at, objective=objective,
+                       objective_params=objective_params, tokens=tokens, k=k, mask=mask,
+                       temperature=temperature, reduction=reduction, return_stats=return_stats,
+                       ignore_index=ignore_index, backend=backend)
+
+
+def fused_linear_sparse_teacher_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                         teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                                         *, objective="teacher_topk",
+                                         teacher_token_logprob: Optional[torch.Tensor] = None,
+                                         teacher_logprobs_at: Optional[torch.Tensor] = None,
+                                         tokens: Optional[torch.Tensor] = None, k: int = 16,
+                                         mask: Optional[torch.Tensor] = None,
+                                         temperature: float = 1.0, reduction: str = "mean",
+                                         return_stats: bool = False,
+                                         ignore_index: Optional[int] = -100,
+                                         vocab_size: Optional[int] = None,
+                                         student_bias: Optional[torch.Tensor] = None,
+                                         student_softcap: Optional[float] = None,
+                                         weight_grad_dtype: torch.dtype = torch.float32,
+                                         backend: str = "auto", **objective_params):
+    """:func:`sparse_teacher_opd_loss` with the student as hidden states and its lm_head weight
+    (logits only ever as on-chip tiles): one student lm_head pass, the teacher as served.
+    ``vocab_size``: the ids the teacher can name, when the student's lm_head is padded."""
+    check.linear("student_hidden", student_hidden, "student_weight", student_weight)
+    check.bias("student_bias", student_bias, "student_weight", student_weight)
+    vocab = check.vocab_size(vocab_size, student_weight.shape[0], student_weight.shape[0])
+    student = _linear_model(student_hidden, student_weight, student_bias,
+                            check.softcap("student_softcap", student_softcap))
+    return _run_served("fused_linear", student, student_hidden.shape[:-1], vocab,
+                       student_hidden.device, teacher_ids=teacher_ids,
+                       teacher_logprobs=teacher_logprobs,
+                       teacher_token_logprob=teacher_token_logprob,
+                       teacher_logprobs_at=teacher_logprobs_at, objective=objective,
+                       objective_params=objective_params, tokens=tokens, k=k, mask=mask,
+                       temperature=temperature, reduction=reduction, return_stats=return_stats,
+                       ignore_index=ignore_index, backend=backend,
+                       weight_grad_dtype=check.weight_grad_dtype(weight_grad_dtype))
+
+
+def _student_topk(form, model: Model, lead, vocab, k, backend) -> torch.Tensor:
+    k = check.k(k, vocab)
+    chosen = resolve(backend, form, model.tensors, k=k, served=True)
+    return chosen.student_topk(model, k, vocab).reshape(*lead, k)
+
+
+def student_topk_ids(student_logits: torch.Tensor, *, k: int = 16, softcap: Optional[float] = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """The student's top-k ids [..., k] (largest first, ties to the lower id): the ids to ask a
+    served teacher's log-probs at, for the "topk" objective's ``teacher_logprobs_at``."""
+    check.logits("student_logits", student_logits)
+    model = _logits_model(student_logits, check.softcap("softcap", softcap))
+    return _student_topk("logits", model, student_logits.shape[:-1], student_logits.shape[-1], k,
+                         backend)
+
+
+def fused_linear_student_topk_ids(hidden: torch.Tensor, weight: torch.Tensor, *, k: int = 16,
+                                  bias: Optional[torch.Tensor] = None,
+                                  softcap: Optional[float] = None,
+                                  vocab_size: Optional[int] = None,
+                                  backend: str = "auto") -> torch.Tensor:
+    """student_topk_ids on hidden @ weight.T (+ bias), the logits never materialized."""
+    check.linear("hidden", hidden, "weight", weight)
+    check.bias("bias", bias, "weight", weight)
+    vocab = check.vocab_size(vocab_size, weight.shape[0], weight.shape[0])
+    model = _linear_model(hidden, weight, bias, check.softcap("softcap", softcap))
+    return _student_topk("fused_linear", model, hidden.shape[:-1], vocab, k, backend)

@@ -98,12 +98,12 @@ def pass_results(student_logits: torch.Tensor, teacher_logits: torch.Tensor, nee
         x_s, x_t = student_logits / temperature, teacher_logits / temperature
         log_p, log_q = torch.log_softmax(x_s, -1), torch.log_softmax(x_t, -1)
         r = PassResults(lse_s=torch.logsumexp(x_s, -1), tokens=tokens)
+        if tokens is not None:
+            at = lambda lp: lp.gather(-1, tokens[:, None]).squeeze(-1)
+            r.student_logprob, r.teacher_logprob = at(log_p), at(log_q)
         if Need.TEACHER_FULL in needs:
             r.lse_t = torch.logsumexp(x_t, -1)
             r.reverse_kl, r.forward_kl = kl(log_p, log_q), kl(log_q, log_p)
-            if tokens is not None:
-                at = lambda lp: lp.gather(-1, tokens[:, None]).squeeze(-1)
-                r.student_logprob, r.teacher_logprob = at(log_p), at(log_q)
         if Need.SUPPORT in needs:
             r.support = topk_ids(x_s, k)
             r.student_at_support, r.teacher_at_support = x_s.gather(-1, r.support), x_t.gather(-1, r.support)

@@ -29,6 +29,10 @@ class TopKStats:
     reverse_kl        KL(p || q) over the whole vocabulary (None if the pass did not read both)
     student_logprob, teacher_logprob   log p(y), log q(y) at the call's ``tokens`` (or None)
 
+    ``teacher_entropy_is_bound``: the teacher was served (its top-K only), so ``teacher_entropy``
+    is a lower bound (the top-K terms plus the tail as one bin) and ``entropy_gap`` is taken from
+    it; ``summary`` then names them ``teacher_entropy_lower_bound`` and ``entropy_gap_of_bound``.
+
     Positions that are masked out hold NaN in every field; ``mask`` (bool, True = counted) is kept
     so that :meth:`summary` averages over the counted positions only.
     """
@@ -44,6 +48,7 @@ class TopKStats:
     student_logprob: Optional[torch.Tensor] = None
     teacher_logprob: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    teacher_entropy_is_bound: bool = False
 
     def tensors(self) -> dict:
         """Every per-position field that is present, by name (the mask excluded)."""
@@ -65,7 +70,7 @@ class TopKStats:
         mask = None if all(m is None for m in masks) else torch.cat(
             [torch.ones_like(p.overlap, dtype=torch.bool) if m is None else m
              for p, m in zip(parts, masks)])
-        return cls(**fields, mask=mask)
+        return cls(**fields, mask=mask, teacher_entropy_is_bound=parts[0].teacher_entropy_is_bound)
 
     def summary(self) -> dict:
         """Means over the counted positions, as plain floats (the logging form).
@@ -93,4 +98,7 @@ class TopKStats:
         out["teacher_mass_shared"] = mean(values["teacher_mass"][shared])
         n = int(counted.sum())
         out["empty_overlap_fraction"] = int((~shared).sum()) / n if n else math.nan
+        if self.teacher_entropy_is_bound:
+            out["teacher_entropy_lower_bound"] = out.pop("teacher_entropy")
+            out["entropy_gap_of_bound"] = out.pop("entropy_gap")
         return out

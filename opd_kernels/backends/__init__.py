@@ -67,9 +67,11 @@ def _refuse(backend: Backend, tensors, k) -> Exception | None:
     return None
 
 
-def resolve(name: str, form: str, tensors, *, objective=None, needs=frozenset(), k=None) -> Backend:
-    """The backend for a call of ``form`` over ``tensors``; raises ValueError/TypeError saying why
-    a backend the user forced cannot run it."""
+def resolve(name: str, form: str, tensors, *, objective=None, needs=frozenset(), k=None,
+            served: bool = False) -> Backend:
+    """The backend for a call of ``form`` over ``tensors`` (``served``: with a served teacher,
+    whose quantities the public layer has checked); raises ValueError/TypeError saying why a
+    backend the user forced cannot run it."""
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     tensors = [t for t in tensors if t is not None]
@@ -78,7 +80,8 @@ def resolve(name: str, form: str, tensors, *, objective=None, needs=frozenset(),
         triton_backend = _find("triton", form) if on_gpu else None
         if (triton_backend is not None
                 and _refuse(triton_backend, tensors, k) is None
-                and needs <= triton_backend.capabilities.quantities):
+                and (triton_backend.capabilities.served_teacher if served
+                     else needs <= triton_backend.capabilities.quantities)):
             return triton_backend
         name = "torch"
     backend = _find(name, form)
@@ -87,6 +90,10 @@ def resolve(name: str, form: str, tensors, *, objective=None, needs=frozenset(),
     refusal = _refuse(backend, tensors, k)
     if refusal is not None:
         raise refusal
+    if served:
+        if not backend.capabilities.served_teacher:
+            raise ValueError(f"backend={name!r} ({form}) does not take a served teacher")
+        return backend
     missing = needs - backend.capabilities.quantities
     if missing:
         what = "; ".join(m.value for m in sorted(missing, key=lambda m: m.name))

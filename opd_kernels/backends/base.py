@@ -73,9 +73,10 @@ class Capabilities:
     forms: frozenset
     devices: frozenset
     dtypes: frozenset
-    quantities: frozenset = frozenset(Need)
+    quantities: frozenset = frozenset(Need) - {Need.TEACHER_TOPK}
     max_k: Optional[int] = None
     needs_interpreter_off_gpu: bool = False
+    served_teacher: bool = False  # takes a served teacher's answer (opd_kernels.served)
 
 
 class Backend:
@@ -95,6 +96,17 @@ class Backend:
         raise NotImplementedError
 
     def statistics(self, call: LossCall) -> TopKStats:
+        raise NotImplementedError
+
+    # A served teacher (``call.teacher`` a served.ServedTeacher), where capabilities say so.
+    def served_loss(self, call: LossCall) -> LossResult:
+        raise NotImplementedError
+
+    def served_statistics(self, call: LossCall) -> TopKStats:
+        raise NotImplementedError
+
+    def student_topk(self, model: Model, k: int, vocab_size: int) -> torch.Tensor:
+        """The student's top-k ids [N, k], largest first, ties to the lower id (no gradient)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .. import reference
-from ..objectives import Need, PassResults, topk_ids
+from .. import reference, served
+from ..objectives import Need, PassResults, reads_full_teacher, topk_ids
 from ..stats import STAT_FIELDS, TopKStats
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 
@@ -105,6 +105,21 @@ def _autocast_weight(t: torch.Tensor, activation_dtype: torch.dtype, weight_grad
     return t.to(torch.promote_types(t.dtype, weight_grad_dtype))
 
 
+class _WithGrad(torch.autograd.Function):
+    """Per-row values computed without autograd, whose gradient w.r.t. ``x`` is the given
+    ``grad`` (an objective's GradForm, for an upstream gradient of 1) times the upstream."""
+
+    @staticmethod
+    def forward(ctx, x, values, grad):
+        ctx.save_for_backward(grad)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return upstream[:, None].to(grad.dtype) * grad, None, None
+
+
 def _blank_uncounted(mask: Optional[torch.Tensor], *logits: torch.Tensor):
     """Zero logits at uncounted rows so no inf or NaN there can reach a value or a gradient."""
     if mask is None:
@@ -157,7 +172,8 @@ class TorchBackend(Backend):
     name = "torch"
     capabilities = Capabilities(
         forms=frozenset({"logits", "fused_linear"}), devices=frozenset({"cpu", "cuda"}),
-        dtypes=frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16}))
+        dtypes=frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16}),
+        served_teacher=True)
 
     def logsumexp(self, model, temperature, vocab_size):
         src = _Source(model, vocab_size, torch.float32)
@@ -183,7 +199,7 @@ class TorchBackend(Backend):
         return _stats_from_columns(columns, tokens is not None)
 
     def loss(self, call):
-        if Need.TEACHER_FULL not in call.needs and not call.return_stats:
+        if not reads_full_teacher(call.needs) and not call.return_stats:
             return LossResult(self._sparse_loss(call))
         pair, objective, tau = _Pair(call), call.objective, call.temperature
         tokens = _valid_tokens(call.tokens, call.mask)
@@ -227,10 +243,66 @@ class TorchBackend(Backend):
                     raise ValueError(f"objective {call.objective.name!r} has a dense gradient but "
                                      f"declares no full pass: add Need.TEACHER_FULL to its needs")
                 grad = _masked(form.sparse_values, None if m is None else m[:, None], 0.0)
-            surrogate = ((x_s - x_s.detach()) * grad).sum(-1)  # value forward, grad backward
-            return (_masked(value, m, 0.0) + surrogate,)
+            return (_WithGrad.apply(x_s, _masked(value, m, 0.0), grad),)
 
         return pair.run(at_support, k * hidden, [support, mask])[0]
+
+    # ---- a served teacher (opd_kernels.served)
+
+    def served_loss(self, call):
+        columns = _served_columns(call, _served_chunk, call.vocab_size)
+        stats = None
+        if call.return_stats:
+            names = [*STAT_FIELDS, *(["student_logprob"] if call.tokens is not None else []),
+                     *(["teacher_logprob"] if call.teacher.token_logprob is not None else [])]
+            stats = TopKStats(**dict(zip(names, columns[1:], strict=True)), teacher_entropy_is_bound=True)
+        return LossResult(columns[0], stats=stats)
+
+    def student_topk(self, model, k, vocab_size):
+        src = _Source(model, vocab_size, torch.float32, detach=True)
+        fn = lambda z, *shared: (topk_ids(src.logits(z, *shared), k),)
+        with torch.no_grad():
+            return _over_chunks(fn, src.width, [src.rows], src.shared)[0]
+
+
+# ---- a served teacher --------------------------------------------------------------------------
+
+def _served_chunk(call: LossCall, src: _Source, s, ids, logprobs, token_logprob, logprobs_at, y, m,
+                  shared):
+    """One chunk of rows against the served answer: the student's logits materialized, its
+    PassResults completed from the answer (opd_kernels.served), and the objective's GradForm
+    attached to the logits (value forward, GradForm.materialize backward)."""
+    tau = call.temperature
+    (z,) = _blank_uncounted(m, src.logits(s, *shared))
+    x = z / tau
+    teacher = served.ServedTeacher(ids, logprobs, token_logprob, logprobs_at)
+    with torch.no_grad():
+        xd = x.detach()
+        r = PassResults(lse_s=torch.logsumexp(xd, -1), tokens=y)
+        if y is not None:
+            r.student_logprob = xd.gather(-1, y[:, None])[:, 0] - r.lse_s
+        support_needed = Need.SUPPORT in call.needs or call.return_stats
+        if support_needed:
+            r.support = topk_ids(xd, call.k)
+            r.student_at_support = xd.gather(-1, r.support)
+        served.complete(r, teacher, xd.gather(-1, ids))
+        value, form = call.objective.from_passes(r, **call.params)
+        grad = _masked(form.materialize(xd, None), None if m is None else m[:, None], 0.0)
+    out = (_WithGrad.apply(x, _masked(value, m, 0.0), grad),)
+    if call.return_stats:
+        stats = served.statistics(teacher, call.k, r.support, r.student_at_support - r.lse_s[:, None],
+                                  reference.entropy(xd), r.student_logprob, m)
+        out += tuple(stats.tensors().values())
+    return out
+
+
+def _served_columns(call: LossCall, fn, width: int):
+    src = _Source(call.student, call.vocab_size, call.weight_grad_dtype)
+    t = call.teacher
+    rows = [src.rows, t.ids, t.logprobs, t.token_logprob, t.logprobs_at, call.tokens, call.mask]
+    n_rows = len(rows)
+    chunk = lambda *a: fn(call, src, *a[:n_rows], a[n_rows:])
+    return _over_chunks(chunk, width, rows, src.shared)
 
 
 BACKEND = TorchBackend()

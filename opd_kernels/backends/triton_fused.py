@@ -3,7 +3,7 @@ logits z = softcap(h W^T + b) never in memory.
 
 The passes (forward, no autograd) each produce per-row quantities of objectives.PassResults,
 in x = z / tau units, and run only where the call's needs ask for them:
-    the pair pass (fused_linear_kl.py)       lse_s, lse_t, KL(p || q), KL(q || p)     Need.TEACHER_FULL
+    the pair pass (fused_linear_kl.py)       lse_s, lse_t, KL(p || q), KL(q || p)     reads_full_teacher
     the mixture pass (fused_linear_mixture)  KL(p || m), KL(q || m) after the pair    Need.MIXTURE
     a single-model pass (fused_linear_lse)   lse, the top-k (and entropy for stats)   Need.SUPPORT,
                                              or lse_s alone where no pair pass runs   statistics
@@ -48,7 +48,8 @@ from ..kernels.fused_linear_kl import PARTS, fused_linear_kl_kernel, fused_linea
 from ..kernels.fused_linear_lse import fused_linear_lse_kernel, fused_linear_lse_merge_kernel
 from ..kernels.fused_linear_mixture import fused_linear_mixture_kernel
 from ..kernels.fused_linear_topk import fused_linear_gather_logits_kernel
-from ..objectives import GradForm, Need, PassResults
+from .. import served
+from ..objectives import GradForm, Need, PassResults, reads_full_teacher
 from ..stats import TopKStats
 from . import _interpreter_compat  # noqa: F401  (before any launch under TRITON_INTERPRET=1)
 from . import triton_fused_grad as fused_grad
@@ -208,7 +209,7 @@ def _passes(call: LossCall, s: Side, t: Side, needs: frozenset, with_stats: bool
     """Every quantity ``needs`` asks for, each pass run once (see the module docstring)."""
     vocab, tau = call.vocab_size, call.temperature
     # the statistics carry the full reverse KL, which only the pair pass computes
-    pair = Need.TEACHER_FULL in needs or Need.MIXTURE in needs or with_stats
+    pair = reads_full_teacher(needs) or with_stats
     k = call.k if Need.SUPPORT in needs or with_stats else 0
     out = _Passes(PassResults(lse_s=None))
     r = out.results
@@ -284,8 +285,7 @@ class TritonFusedBackend(Backend):
     capabilities = Capabilities(
         forms=frozenset({"fused_linear"}), devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
-        quantities=frozenset({Need.TEACHER_FULL, Need.TOKENS, Need.SUPPORT, Need.MIXTURE}),
-        max_k=MAX_K, needs_interpreter_off_gpu=True)
+        max_k=MAX_K, needs_interpreter_off_gpu=True, served_teacher=True)
 
     def _single(self, model: Model, temperature, vocab_size, form_of, tokens=None):
         """A one-model value from its lse pass (and the logits at ``tokens``), with the backward
@@ -319,7 +319,7 @@ class TritonFusedBackend(Backend):
         s, t = Side.of(call.student), Side.of(call.teacher)
         objective_needs = call.objective.needs(call.params)
         if (call.grad_in_forward and call.reduction in ("mean", "sum") and s.hidden.shape[0] > 0
-                and fused_grad.wants_grad(call.student) and Need.TEACHER_FULL in objective_needs):
+                and fused_grad.wants_grad(call.student) and reads_full_teacher(objective_needs)):
             # the teacher's full product is paid anyway: the gradient rides the forward's scratch
             value, stats = fused_grad.reduced_loss(call, s, t, call.needs, _valid_tokens(call),
                                                    call.return_stats, SCRATCH_BYTES)
@@ -334,6 +334,37 @@ class TritonFusedBackend(Backend):
                         r.lse_s, SCRATCH_BYTES, r.lse_t, call.mask, sparse_du, call.weight_grad_dtype)
         stats = _overlap_stats(p, call.k, call.mask) if call.return_stats else None
         return LossResult(fused_grad.attach(call.student, values, plan), stats=stats)
+
+
+    def served_loss(self, call):
+        """Against a served teacher: one pass over the student's lm_head tiles (its lse, top-k
+        and entropy where asked), gathers at the served ids (k dot products a row), and
+        opd_kernels.served for the rest; the backward is the student's alone."""
+        s, teacher, tau = Side.of(call.student), call.teacher, call.temperature
+        support = Need.SUPPORT in call.needs or call.return_stats
+        with torch.no_grad():
+            st = _row_stats(s, call.vocab_size, tau, entropy=call.return_stats,
+                            k=call.k if support else 0)
+            r = PassResults(lse_s=st.lse, support=st.topk_ids, student_at_support=st.topk_logits)
+            tokens = _valid_tokens(call)
+            if tokens is not None:
+                r.tokens = tokens
+                r.student_logprob = _gather(s, tokens[:, None], tau)[:, 0] - st.lse
+            served.complete(r, teacher, _gather(s, teacher.ids, tau))
+            values, form = call.objective.from_passes(r, **call.params)
+            values = _masked(values.float(), call.mask)
+            sparse_du = _sparse_du(s, form, tau)
+        plan = Backward(s, None, call.vocab_size, tau, form, st.lse, SCRATCH_BYTES, None,
+                        call.mask, sparse_du, call.weight_grad_dtype)
+        stats = None
+        if call.return_stats:
+            stats = served.statistics(teacher, call.k, st.topk_ids, st.topk_logits - st.lse[:, None],
+                                      st.entropy, r.student_logprob, call.mask)
+        return LossResult(fused_grad.attach(call.student, values, plan), stats=stats)
+
+    def student_topk(self, model, k, vocab_size):
+        with torch.no_grad():
+            return _row_stats(Side.of(model), vocab_size, 1.0, k=k).topk_ids
 
 
 BACKEND = TritonFusedBackend()

@@ -25,11 +25,12 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from .. import served
 from ..kernels import row_stats
 from ..kernels.row_grad import dense_grad_kernel
 from ..kernels.row_mixture import mixture_kernel
 from ..kernels.row_stats import row_stats_finalize_kernel, row_stats_partial_kernel
-from ..objectives import GradForm, Need, PassResults
+from ..objectives import GradForm, Need, PassResults, reads_full_teacher
 from ..stats import TopKStats
 from . import _interpreter_compat  # noqa: F401  (before any launch under TRITON_INTERPRET=1)
 from .base import Backend, Capabilities, LossCall, LossResult, Model
@@ -140,9 +141,9 @@ def passes(student: torch.Tensor, teacher: Optional[torch.Tensor], *, needs: fro
            temperature: float = 1.0, student_softcap: Optional[float] = None,
            teacher_softcap: Optional[float] = None, beta: float = 0.5) -> tuple:
     """Every per-row quantity ``needs`` asks for (objectives.Need), as (PassResults, RowPass).
-    The teacher is read in full only for Need.TEACHER_FULL; with Need.SUPPORT alone it is
+    The teacher is read in full only where ``reads_full_teacher(needs)``; with Need.SUPPORT alone it is
     gathered at the student's k ids. Uncounted rows hold finite stand-ins."""
-    full_teacher = Need.TEACHER_FULL in needs
+    full_teacher = reads_full_teacher(needs)
     support = Need.SUPPORT in needs
     rp = row_pass(student, teacher if full_teacher else None, tokens, mask, k if support else 0,
                   temperature, student_softcap, teacher_softcap)
@@ -257,7 +258,7 @@ class TritonLogitsBackend(Backend):
     capabilities = Capabilities(
         forms=frozenset({"logits"}), devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
-        quantities=frozenset(Need), max_k=MAX_K, needs_interpreter_off_gpu=True)
+        max_k=MAX_K, needs_interpreter_off_gpu=True, served_teacher=True)
 
     def logsumexp(self, model: Model, temperature, vocab_size):
         logits = _rows(model.logits)
@@ -299,6 +300,43 @@ class TritonLogitsBackend(Backend):
     def statistics(self, call: LossCall) -> TopKStats:
         *_, r, rp = self._passes(call)
         return stats(rp, r)
+
+    def served_loss(self, call: LossCall) -> LossResult:
+        """Against a served teacher: one read of the student's logits (its lse, top-k and
+        entropy where asked), gathers at the served ids, opd_kernels.served for the rest."""
+        student, cap = _rows(call.student.logits), call.student.softcap
+        mask = None if call.mask is None else call.mask.contiguous()
+        tokens = None if call.tokens is None else call.tokens.contiguous()
+        teacher = call.teacher
+        support = Need.SUPPORT in call.needs or call.return_stats
+        # the student's one pass: its lse, the token log-probs, its top-k (and entropy) if asked
+        rp = row_pass(student, None, tokens, mask, call.k if support else 0, call.temperature, cap)
+        r = PassResults(lse_s=rp.field("logsum_s"), tokens=tokens)
+        if tokens is not None:
+            r.student_logprob = rp.field("student_logprob")
+        if support:
+            r.support = rp.top_ids
+            r.student_at_support = self._at(student, rp, rp.top_ids, call.temperature, cap)
+        with torch.no_grad():
+            served.complete(r, teacher, self._at(student, rp, teacher.ids, call.temperature, cap))
+            values, form = call.objective.from_passes(r, **call.params)
+            if mask is not None:
+                values = torch.where(mask, values, torch.zeros_like(values))
+        loss = _attach(student, values.float(), None, rp, form, mask, call.temperature, (cap, None))
+        result_stats = None
+        if call.return_stats:
+            result_stats = served.statistics(
+                teacher, call.k, r.support, r.student_at_support - r.lse_s[:, None],
+                rp.field("student_entropy"), r.student_logprob, mask)
+        return LossResult(loss, stats=result_stats)
+
+    @staticmethod
+    def _at(student, rp: RowPass, ids, temperature, cap) -> torch.Tensor:
+        """x_s at ``ids``, centered on the row's max as PassResults' lse_s (logsum_s) is."""
+        return _capped(student.gather(1, ids).float(), cap) / temperature - rp.field("max_s")[:, None]
+
+    def student_topk(self, model: Model, k, vocab_size):
+        return row_pass(_rows(model.logits), k=k, student_softcap=model.softcap).top_ids
 
 
 BACKEND = TritonLogitsBackend()

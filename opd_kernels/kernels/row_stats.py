@@ -7,7 +7,7 @@ p = softmax(x_s), q = softmax(x_t).
 vocabulary blocks of one row once (both models when a teacher is given) and keeps, per model,
 
     m = max_v x_v                        s = sum_v e^{x_v - m}              (lse = m + log s)
-    c = sum_v e^{x_v - m} (x_v - m)                                         (WITH_STATS)
+    c = sum_v e^{x_v - m} (x_v - m)        (the student's with WITH_TOPK, the teacher's WITH_STATS)
 and, with a teacher,
     a = sum_v e^{xs_v - m_s} ((xs_v - m_s) - (xt_v - m_t))
     b = sum_v e^{xt_v - m_t} ((xt_v - m_t) - (xs_v - m_s))
@@ -40,9 +40,10 @@ likewise b for the forward KL. Soft-capped models (cap > 0, a runtime scalar) ar
 load, so everything above, the top-k keys included, sees the capped logits.
 
 ``row_stats_finalize_kernel``, grid (rows,): merges the splits and writes, field-major into
-out[FIELD, row]: lse (and its parts m, log s) of both models, KL, the token log-probs x_y - lse
-(HAS_TOKENS), both entropies and the top-k statistics (WITH_STATS), and the student's top-k
-ids (WITH_TOPK, sorted: the splits' lists are inserted into the first). Statistics from the
+out[FIELD, row]: lse (and its parts m, log s) of both models, both KLs, the token log-probs
+x_y - lse (HAS_TOKENS), the student's entropy and its top-k ids (WITH_TOPK, sorted: the splits'
+lists are inserted into the first), the teacher's entropy and the top-k statistics
+(WITH_STATS). Statistics from the
 packed keys (exact fp32 logits with their ids), S = student top k, T = teacher top k:
     overlap = |S ∩ T| / k, m_p = sum_{S∩T} p, m_q = sum_{S∩T} q,
     A = (1/|S∩T|) sum_{S∩T} p̄ (log q̄ - log p̄), log p̄ = log p - log m_p (NaN if S∩T empty),
@@ -72,13 +73,13 @@ NUM_STATE = tl.constexpr(8)
 
 
 @triton.jit
-def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b, WITH_STATS: tl.constexpr,
-                  HAS_TEACHER: tl.constexpr):
+def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b, WITH_TOPK: tl.constexpr,
+                  WITH_STATS: tl.constexpr, HAS_TEACHER: tl.constexpr):
     """Partial states held along axis 0 (lanes of a block, or splits of a row) -> one state."""
     max_s = tl.max(m_s, axis=0)
     alpha_s = tl.exp(m_s - reference_max(max_s))
     shift_s = max_shift(m_s, max_s)
-    if WITH_STATS:
+    if WITH_TOPK:
         c_s = tl.sum(moved(c_s, alpha_s, s_s, shift_s), axis=0)
     if HAS_TEACHER:
         max_t = tl.max(m_t, axis=0)
@@ -134,7 +135,7 @@ def row_stats_partial_kernel(
         z_s = tl.load(student_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
         z_s = tl.where(in_vocab, softcapped(z_s, cap_s), float("-inf"))
         m_s_new, alpha_s, e_s, shift_s, d_s = lane_step(z_s * inv_tau, m_s)
-        if WITH_STATS:
+        if WITH_TOPK:  # the student's entropy rides every pass that keeps its top-k
             c_s = moved(c_s, alpha_s, s_s, shift_s) + tl.where(e_s > 0, e_s * d_s, 0.0)
         if HAS_TEACHER:
             z_t = tl.load(teacher_ptr + row.to(tl.int64) * stride_t + offs, mask=in_vocab,
@@ -158,13 +159,14 @@ def row_stats_partial_kernel(
                 keys_t = insert_topk(keys_t, tl.where(in_vocab, pack_keys(z_t, offs), MIN_KEY))
 
     m_s, s_s, c_s, m_t, s_t, c_t, a, b = _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b,
-                                                        WITH_STATS, HAS_TEACHER)
+                                                        WITH_TOPK, WITH_STATS, HAS_TEACHER)
     # Fields a pass does not compute stay unwritten; the finalize kernel does not read them.
     state = state_ptr + slot * NUM_STATE
     tl.store(state + 0, m_s)
     tl.store(state + 1, s_s)
-    if WITH_STATS:
+    if WITH_TOPK:
         tl.store(state + 2, c_s)
+    if WITH_STATS:
         tl.store(state + 5, c_t)
     if HAS_TEACHER:
         tl.store(state + 3, m_t)
@@ -246,7 +248,7 @@ def row_stats_finalize_kernel(
             tl.load(state + 3, mask=real, other=float("-inf")),
             tl.load(state + 4, mask=real, other=0.0), tl.load(state + 5, mask=real, other=0.0),
             tl.load(state + 6, mask=real, other=0.0), tl.load(state + 7, mask=real, other=0.0),
-            WITH_STATS, HAS_TEACHER)
+            WITH_TOPK, WITH_STATS, HAS_TEACHER)
         if WITH_TOPK:
             keys = keys_ptr + row.to(tl.int64) * n_splits * 2 * K_PAD
             keys_s = tl.load(keys + offs_k)
@@ -286,11 +288,9 @@ def row_stats_finalize_kernel(
         if WITH_TOPK:
             tl.store(top_ids_ptr + row.to(tl.int64) * k + offs_k, unpack_ids(keys_s).to(tl.int64),
                      mask=offs_k < k)
+            tl.store(out + _H_S * n_rows, log_s_s - c_s / s_s)
         if WITH_STATS:
-            h_s = log_s_s - c_s / s_s
-            h_t = log_s_t - c_t / s_t
-            tl.store(out + _H_S * n_rows, h_s)
-            tl.store(out + _H_T * n_rows, h_t)
+            tl.store(out + _H_T * n_rows, log_s_t - c_t / s_t)
             overlap, mass_p, mass_q, advantage = _overlap_stats(
                 keys_s, keys_t, m_s, log_s_s, m_t, log_s_t, k, inv_tau, K_PAD)
             tl.store(out + _OVERLAP * n_rows, overlap)

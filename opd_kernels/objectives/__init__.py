@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import GradForm, Need, Objective, Param, PassResults, topk_ids
+from .base import GradForm, Need, Objective, Param, PassResults, reads_full_teacher, topk_ids
 
 _REGISTRY: dict[str, Objective] = {}
 
@@ -24,9 +24,24 @@ def _discover() -> dict[str, Objective]:
     return _REGISTRY
 
 
-def names() -> tuple[str, ...]:
-    """Every registered objective's name, sorted."""
-    return tuple(sorted(_discover()))
+# What each kind of teacher can give (objectives.base.Need): a teacher given as logits or hidden
+# states all but a served answer; a served teacher its answer (ids and log-probs), the log-probs
+# of the sampled tokens and at the student's top-k when asked, never its full distribution.
+TEACHER_PROVIDES = {
+    "dense": frozenset(Need) - {Need.TEACHER_TOPK},
+    "served": frozenset({Need.TEACHER_TOPK, Need.TEACHER_AT_TOKENS, Need.SUPPORT, Need.TOKENS}),
+}
+
+
+def names(teacher: str | None = "dense") -> tuple[str, ...]:
+    """The registered objectives that run with a ``teacher`` of that kind ("dense": logits or
+    hidden states; "served": a server's top-K answer; None: every one), sorted."""
+    registry = _discover()
+    if teacher is None:
+        return tuple(sorted(registry))
+    provides = TEACHER_PROVIDES[teacher]
+    return tuple(sorted(name for name, objective in registry.items()
+                        if objective.needs(objective.check_params({})) <= provides))
 
 
 def get(objective) -> Objective:
@@ -35,9 +50,10 @@ def get(objective) -> Objective:
         return objective
     found = _discover().get(objective) if isinstance(objective, str) else None
     if found is None:
-        raise ValueError(f"objective must be one of {names()} or an opd_kernels.objectives.Objective, "
+        raise ValueError(f"objective must be one of {names(None)} or an opd_kernels.objectives.Objective, "
                          f"got {objective!r}")
     return found
 
 
-__all__ = ["GradForm", "Need", "Objective", "Param", "PassResults", "get", "names", "topk_ids"]
+__all__ = ["GradForm", "Need", "Objective", "Param", "PassResults", "TEACHER_PROVIDES", "get",
+           "names", "reads_full_teacher", "topk_ids"]

@@ -28,12 +28,22 @@ import torch
 
 
 class Need(enum.Enum):
-    """Per-row quantities a pass can produce (a backend declares the ones it can)."""
+    """Per-row quantities a pass can produce (a backend declares the ones it can). A dense
+    teacher gives the first four by a pass over its whole vocabulary (``reads_full_teacher``);
+    a sparse (served) teacher gives TEACHER_AT_TOKENS, SUPPORT and TEACHER_TOPK from what the
+    server returned, never TEACHER_FULL or MIXTURE."""
 
-    TEACHER_FULL = "the teacher's full-vocabulary pass (lse_t, both KLs, log q at tokens)"
-    TOKENS = "the sampled token ids"
-    SUPPORT = "the student's top-k ids and both models' logits at them"
+    TEACHER_FULL = "the teacher's full distribution (lse_t, both KLs)"
+    TEACHER_AT_TOKENS = "the teacher's log-prob of each sampled token"
     MIXTURE = "a second pass over both models for the mixture sums of the generalized JSD"
+    SUPPORT = "the student's top-k ids and both models' logits at them"
+    TOKENS = "the sampled token ids"
+    TEACHER_TOPK = "the teacher's own top-K ids and log-probs (a served teacher's answer)"
+
+
+def reads_full_teacher(needs) -> bool:
+    """Whether a dense teacher must be read over its whole vocabulary to meet ``needs``."""
+    return bool(set(needs) & {Need.TEACHER_FULL, Need.TEACHER_AT_TOKENS, Need.MIXTURE})
 
 
 @dataclass
@@ -56,6 +66,9 @@ class PassResults:
     mixture_student: Optional[torch.Tensor] = None   # KL(p || m) = sum_v p_v (log p_v - log m_v)
     mixture_teacher: Optional[torch.Tensor] = None   # KL(q || m)
     tokens: Optional[torch.Tensor] = None            # [N] int64
+    teacher_ids: Optional[torch.Tensor] = None       # [N, K] int64, a served teacher's top-K ids
+    teacher_topk_logprobs: Optional[torch.Tensor] = None  # [N, K] its log q there (as served)
+    student_at_teacher_ids: Optional[torch.Tensor] = None  # [N, K] x_s there (offset as lse_s)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     r = log q(y) - log p(y) (detached),   L = -r log p(y)
     dL/dx_v = -r (onehot(y)_v - p_v)             shift = r, sparse -r at y
-Needs the teacher's lse (a full pass) and one logit of each model.
+Needs log q(y) only: a dense teacher's lse (a full pass) and one logit, or a served teacher's
+answer at the sampled tokens.
 """
 from .base import GradForm, Need, Objective, PassResults, log_softmax
 
@@ -10,7 +11,7 @@ from .base import GradForm, Need, Objective, PassResults, log_softmax
 class SampledToken(Objective):
     name = "sampled"
     summary = "-r log p(y) with the detached reward r = log q(y) - log p(y) (paper eq. 3)"
-    base_needs = frozenset({Need.TEACHER_FULL, Need.TOKENS})
+    base_needs = frozenset({Need.TEACHER_AT_TOKENS, Need.TOKENS})
 
     def reference(self, student, teacher, *, tokens=None, temperature=1.0, **_):
         at = lambda log_probs: log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
