@@ -61,12 +61,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cases = registry.preset(preset)
     # ops outside the presets (an objective at a parameter's end, e.g. opd_jsd_beta0) are timed
     # on the preset's grid when asked for
-    extra_ops = [op for op in args.ops or () if op not in registry.PRESET_OPS]
+    extra_ops = [op for op in args.ops or () if op not in {c.op for c in cases}]
     if args.models or args.n or extra_ops:
         models = [MODELS[m] for m in args.models] if args.models else sorted(
             {c.model for c in cases}, key=lambda m: list(MODELS.values()).index(m))
         cases = registry.grid(models, args.n or sorted({c.n for c in cases}),
-                              ops=tuple(args.ops) if args.ops else registry.PRESET_OPS)
+                              ops=tuple(args.ops or dict.fromkeys(c.op for c in cases)))
     cases = [c for c in cases if (not args.ops or c.op in args.ops)
              and (not args.forms or c.form in args.forms)]
     cpu = preset == "cpu"

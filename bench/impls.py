@@ -39,6 +39,12 @@ def _ours(backend: str):
         kw = {"temperature": tau, "backend": backend}
         tokens = x.tokens if case.needs_tokens else None  # tokens add work where not needed
         params = case.objective_params
+        if case.teacher_k is not None:
+            loss = (ok.sparse_teacher_opd_loss if case.form == "logits"
+                    else ok.fused_linear_sparse_teacher_opd_loss)
+            student = (x.student,) if case.form == "logits" else (x.student, x.student_weight)
+            return lambda: loss(*student, **x.served, objective=case.objective, tokens=tokens, k=k,
+                                **params, **kw)
         if case.form == "logits":
             s, t = x.student, x.teacher
             return {
@@ -71,20 +77,25 @@ def _compiled(fn):
 
 def _pytorch(compiled: bool):
     """Eager (or torch.compile of) the natural code: for an objective, its own ``reference`` on
-    materialized fp32 logits. In the fused form the lm_head matmuls run eagerly (cuBLAS either
-    way) and the compiled part is the loss on the materialized logits."""
+    materialized fp32 logits (a served teacher: baselines.served_baseline). In the fused form
+    the lm_head matmuls run eagerly (cuBLAS either way) and the compiled part is the loss on the
+    materialized logits."""
     def build(case: Case, mode: str, x: Inputs, k: int, tau: float):
         fn = baselines.logits_op(case.op)
         fn = _compiled(fn) if compiled else fn
-        if case.form == "logits":
-            return lambda: fn(x.student, x.teacher, x.tokens, k, tau)
 
-        def fused():
-            s, t = baselines.fused_inputs(case, x.student, x.student_weight, x.teacher,
-                                          x.teacher_weight)
+        def run():
+            s, t = baselines.materialized(case, x)
             return fn(s, t, x.tokens, k, tau)
-        return fused
+        return run
     return build
+
+
+def _dense_teacher(case: Case, mode: str, tau: float) -> bool:
+    """torch.compile times the dense-teacher ops: the served ones' eager code is a gather over
+    [N, K] after the student's log_softmax, and compiling each of their baselines would spend
+    the suite's time budget."""
+    return case.teacher_k is None
 
 
 def _scaled(z, tau):
@@ -166,7 +177,7 @@ IMPLS = {impl.name: impl for impl in (
     Impl("opd-triton", "ours", _ours("triton")),
     Impl("opd-torch", "ours", _ours("torch")),
     Impl("eager", "pytorch", _pytorch(compiled=False)),
-    Impl("compile", "pytorch", _pytorch(compiled=True)),
+    Impl("compile", "pytorch", _pytorch(compiled=True), _dense_teacher),
     Impl("liger-jsd", "peer", _liger_jsd, _kl_in("logits"), peer="liger_kernel"),
     Impl("liger-fused-jsd", "peer", _liger_fused_jsd, _kl_in("fused"), peer="liger_kernel"),
     Impl("liger-chunked-jsd", "peer", _liger_chunked_jsd, _kl_in("fused"), peer="liger_kernel"),

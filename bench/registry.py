@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from opd_kernels import objectives
 from opd_kernels.objectives import Need
@@ -31,10 +32,12 @@ TOKEN_COUNTS = (1024, 4096, 8192, 16384)
 @dataclass(frozen=True)
 class ObjectiveOp:
     """An opd_loss objective (a name of opd_kernels.objectives) at given parameters (the
-    declared defaults for the others); what it needs is read from the declaration."""
+    declared defaults for the others); what it needs is read from the declaration. With
+    ``teacher_k`` the teacher is served: a server's top-K answer of that K, not logits."""
 
     name: str
     params: tuple = ()  # ((param, value), ...): hashable
+    teacher_k: Optional[int] = None
 
     @property
     def spec(self):
@@ -73,10 +76,28 @@ def objective_ops() -> dict:
     return {**ops, **ends}
 
 
+# The served teacher's answer sizes timed (K ids a position; vLLM's and TRL's usual 20, and 64).
+SERVED_K = (20, 64)
+
+
+def served_op(name: str, teacher_k: int) -> str:
+    return f"served_{name}_K{teacher_k}"
+
+
+def served_ops() -> dict:
+    """op name -> ObjectiveOp: ``served_<name>_K<K>`` for every objective that runs on a served
+    teacher (``objectives.names("served")``) at its defaults, for each K of SERVED_K."""
+    return {served_op(name, teacher_k): ObjectiveOp(name, teacher_k=teacher_k)
+            for name in objectives.names("served") for teacher_k in SERVED_K}
+
+
 # op name -> ObjectiveOp (None: a standalone op).
-OPS = {**{op: None for op in STANDALONE}, **objective_ops()}
-# The ops the presets time: the standalone ones and each objective at its defaults.
-PRESET_OPS = tuple(op for op, o in OPS.items() if o is None or not o.params)
+OPS = {**{op: None for op in STANDALONE}, **objective_ops(), **served_ops()}
+# The ops the presets time on every shape: the standalone ones and each objective at its
+# defaults on a dense teacher; the served ones on a few shapes (see preset).
+PRESET_OPS = tuple(op for op, o in OPS.items()
+                   if o is None or (not o.params and o.teacher_k is None))
+SERVED_OPS = tuple(served_ops())
 FORMS = ("logits", "fused")
 MODES = ("fwd", "fwd+bwd")
 
@@ -105,6 +126,11 @@ class Case:
         return {} if OPS[self.op] is None else OPS[self.op].kwargs
 
     @property
+    def teacher_k(self) -> Optional[int]:
+        """K of a served teacher's answer; None: a dense teacher (or none)."""
+        return None if OPS[self.op] is None else OPS[self.op].teacher_k
+
+    @property
     def needs(self) -> frozenset:
         """What the objective needs (objectives.Need); empty for a standalone op."""
         return frozenset() if OPS[self.op] is None else OPS[self.op].needs
@@ -130,16 +156,21 @@ def grid(models, token_counts, ops=PRESET_OPS, forms=FORMS) -> list[Case]:
 def preset(name: str) -> list[Case]:
     """The cases of a preset, most important first (a time budget cuts the tail).
 
-    quick: every op and form once on the Qwen pair at N=8192, plus reverse KL on logits at
-    N=16384 (the core issue's goal shape). full: quick, then the Qwen N sweep, then Llama-3-8B
-    and Gemma-3 at N=8192. cpu: the small CPU shapes.
+    quick: every op and form once on the Qwen pair at N=8192 (the served ones too), plus
+    reverse KL on logits at N=16384 (the core issue's goal shape). full: quick, then the Qwen N
+    sweep, then Llama-3-8B and Gemma-3 at N=8192, of the dense-teacher ops. cpu: the small CPU
+    shapes.
     """
-    quick = grid([QWEN], [8192]) + [Case("reverse_kl", "logits", QWEN, 16384)]
+    served = grid([QWEN], [8192], SERVED_OPS)
+    # the served-teacher goal's op first (report.goals: fused served topk), should a budget cut
+    goal_ops = {served_op("topk", teacher_k) for teacher_k in SERVED_K}
+    served.sort(key=lambda c: not (c.op in goal_ops and c.form == "fused"))
+    quick = grid([QWEN], [8192]) + [Case("reverse_kl", "logits", QWEN, 16384)] + served
     if name == "quick":
         return quick
     if name == "full":
         rest = grid([QWEN], TOKEN_COUNTS) + grid([LLAMA, GEMMA], [8192])
         return quick + [c for c in rest if c not in quick]
     if name == "cpu":
-        return grid([CPU_SMALL], [128, 512])
+        return grid([CPU_SMALL], [128, 512], PRESET_OPS + SERVED_OPS)
     raise ValueError(f"unknown preset {name!r}")

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Optional
 
-from .registry import OPS, QWEN
+from .registry import OPS, QWEN, SERVED_K, served_op
 
 
 def stem(meta: dict) -> str:
@@ -65,11 +65,11 @@ def _ours(meta: dict) -> str:
 
 
 def goals(payload: dict) -> list[tuple[str, str, str, str]]:
-    """The speed goals of the core and fused-linear issues, judged from this run's rows:
-    (goal, measured, target, verdict)."""
+    """The speed goals of the core, fused-linear and served-teacher issues, judged from this
+    run's rows: (goal, measured, target, verdict)."""
     index, ours = _index(payload["rows"]), _ours(payload["meta"])
-    def row(op, form, n, impl=ours):
-        r = index.get((op, form, QWEN.name, n, "fwd+bwd", impl))
+    def row(op, form, n, impl=ours, mode="fwd+bwd"):
+        r = index.get((op, form, QWEN.name, n, mode, impl))
         return r if r and r["status"] == "ok" else None
 
     def judge(label, value, target, fmt, ok):
@@ -101,6 +101,14 @@ def goals(payload: dict) -> list[tuple[str, str, str, str]]:
     out.append(judge("fused topk vs full, N=8192, fwd+bwd: speedup",
                      full and topk and full["median_ms"] / topk["median_ms"], ">= 2x",
                      lambda v: f"{v:.2f}x", lambda v: v >= 2.0))
+    # a served topk step costs about one student lm_head pass: the lse's forward
+    lse = row("logsumexp", "fused", 8192, mode="fwd")
+    for teacher_k in SERVED_K:
+        served = row(served_op("topk", teacher_k), "fused", 8192)
+        out.append(judge(f"fused served topk (K={teacher_k}), N=8192, fwd+bwd vs "
+                         f"fused_linear_logsumexp fwd: time ratio",
+                         lse and served and served["median_ms"] / lse["median_ms"], "<= 1.3x",
+                         lambda v: f"{v:.2f}x", lambda v: v <= 1.3))
     return out
 
 
@@ -124,7 +132,7 @@ def markdown(payload: dict) -> str:
         "",
     ]
     if meta["device_slug"] != "cpu":
-        lines += ["## Goals (core and fused-linear issues)", "",
+        lines += ["## Goals (core, fused-linear and served-teacher issues)", "",
                   "| goal | measured | target | verdict |", "| --- | --- | --- | --- |"]
         lines += [f"| {g} | {m} | {t} | {v} |" for g, m, t, v in goals(payload)]
         lines.append("")

@@ -160,7 +160,8 @@ def _run_case_mode(case, mode, impls, config, ceilings, itemsize, started, log) 
                 continue
             if inputs is None:
                 try:
-                    inputs = make_inputs(case, config.dtype, config.device, mode == "fwd+bwd")
+                    inputs = make_inputs(case, config.dtype, config.device, mode == "fwd+bwd",
+                                         k=config.k, temperature=config.temperature)
                 except Exception as exc:
                     if not is_oom(exc):
                         raise

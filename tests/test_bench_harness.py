@@ -1,6 +1,6 @@
 """The benchmark harness on the CPU: a tiny run end to end, OOM as a result, absent peers,
 the ops generated from the objectives' declarations, the baselines against the reference, the
-roofline floors and the goal verdicts."""
+roofline floors and the goal verdicts; the served-teacher ops likewise."""
 import json
 import sys
 
@@ -12,7 +12,9 @@ from bench import baselines, correctness, registry, report, runner
 from bench.impls import IMPLS, Impl, peer_status
 from bench.registry import OPS, Case, ObjectiveOp
 from bench.timing import Budget, measure
-from bench.workloads import floor, fused_floor_flops, logits_floor_bytes, objective_reads
+from bench.workloads import (Inputs, floor, fused_floor_flops, logits_floor_bytes, make_inputs,
+                             objective_reads, served_answer_bytes, served_inputs)
+import opd_kernels as O
 from opd_kernels import objectives
 from opd_kernels import reference as R
 from opd_kernels.objectives import Need
@@ -29,12 +31,13 @@ def tiny_config(impls, cases=None, **kw):
 
 
 def test_tiny_cpu_run_writes_json_and_markdown(tmp_path):
-    bench_main.main(["--cpu", "--models", "tiny", "--n", "4", "--ops", "reverse_kl", "topk_overlap",
-                     "opd_sampled", "--target-ms", "0", "--min-reps", "1", "--no-png", "--out", str(tmp_path)])
+    ops = ("reverse_kl", "topk_overlap", "opd_sampled", "served_topk_K20")
+    bench_main.main(["--cpu", "--models", "tiny", "--n", "4", "--ops", *ops, "--target-ms", "0",
+                     "--min-reps", "1", "--no-png", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("cpu_*_cpu.json")
     payload = json.loads(path.read_text())
     jobs = {(r["op"], r["form"], r["mode"], r["impl"]): r for r in payload["rows"]}
-    expected = {(op, form, mode, impl) for op in ("reverse_kl", "topk_overlap", "opd_sampled")
+    expected = {(op, form, mode, impl) for op in ops
                 for form in registry.FORMS for mode in Case(op, form, TINY, 4).modes
                 for impl in ("opd-torch", "eager")}
     assert set(jobs) == expected
@@ -46,6 +49,7 @@ def test_tiny_cpu_run_writes_json_and_markdown(tmp_path):
     assert payload["meta"]["ceilings"]["bandwidth_bytes_per_s"] > 0
     md = path.with_suffix(".md").read_text()
     assert "### logits form" in md and "### fused form" in md and "| opd_sampled | tiny | 4 |" in md
+    assert "| served_topk_K20 | tiny | 4 |" in md
 
 
 def _oom(case, mode, x, k, tau):
@@ -107,7 +111,7 @@ def test_time_budget_skips_instead_of_overrunning():
 def test_one_op_per_registered_objective():
     """opd_<name> for every objective at its declared defaults; the parameters' ends as extra ops
     outside the presets; tokens and k read from the declarations."""
-    generated = {op: o for op, o in OPS.items() if o is not None}
+    generated = {op: o for op, o in OPS.items() if o is not None and o.teacher_k is None}
     defaults = {o.name: op for op, o in generated.items() if not o.params}
     assert defaults == {name: f"opd_{name}" for name in objectives.names()}
     assert set(registry.PRESET_OPS) == set(registry.STANDALONE) | set(defaults.values())
@@ -118,6 +122,96 @@ def test_one_op_per_registered_objective():
     for op, o in generated.items():
         assert Case(op, "logits", TINY, 4).needs_tokens == (Need.TOKENS in o.spec.needs(o.kwargs))
     assert [op for op in generated if Case(op, "logits", TINY, 4).needs_tokens] == ["opd_sampled"]
+
+
+SERVED = {op: o for op, o in OPS.items() if o is not None and o.teacher_k is not None}
+
+
+def test_served_ops_for_every_served_objective_and_k():
+    """served_<name>_K<K> for every objective that runs on a served teacher and each K; timed on
+    the Qwen pair at N=8192 (quick and full, both forms) and on the CPU shapes."""
+    assert {(o.name, o.teacher_k, o.params) for o in SERVED.values()} == {
+        (name, teacher_k, ()) for name in objectives.names("served") for teacher_k in registry.SERVED_K}
+    assert {op: (o.name, o.teacher_k) for op, o in SERVED.items()} == {
+        f"served_{o.name}_K{o.teacher_k}": (o.name, o.teacher_k) for o in SERVED.values()}
+    assert set(registry.SERVED_OPS) == set(SERVED) and not set(SERVED) & set(registry.PRESET_OPS)
+    for name in ("quick", "full"):
+        served = {(c.op, c.form, c.model, c.n) for c in registry.preset(name) if c.teacher_k}
+        assert served == {(op, f, registry.QWEN, 8192) for op in SERVED for f in registry.FORMS}
+    assert {(c.op, c.form) for c in registry.preset("cpu") if c.teacher_k} == {
+        (op, f) for op in SERVED for f in registry.FORMS}
+
+
+def _dense_pair(seed=0, n=6, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, vocab, generator=g) * 3
+    return Inputs(s, torch.randn(n, vocab, generator=g) + s, torch.randint(0, vocab, (n,), generator=g))
+
+
+@pytest.mark.parametrize("op", list(SERVED))
+def test_workload_serves_the_dense_teachers_answer(op):
+    """The answer the workload takes from its dense teacher passes the library's checks and
+    gives the loss the reference gives on that teacher (its top-K: k plays K)."""
+    objective, tau, k = SERVED[op], 0.7, 5
+    case, dense = Case(op, "logits", TINY, 6), _dense_pair()
+    x = served_inputs(case, dense, k, tau)
+    needs = objective.needs
+    assert set(x.served) == {"teacher_ids", "teacher_logprobs"} \
+        | ({"teacher_token_logprob"} if Need.TEACHER_AT_TOKENS in needs else set()) \
+        | ({"teacher_logprobs_at"} if Need.SUPPORT in needs else set())
+    assert x.teacher is None and x.served["teacher_ids"].shape == (6, objective.teacher_k)
+    tokens = x.tokens if Need.TOKENS in needs else None
+    ours = O.sparse_teacher_opd_loss(x.student, **x.served, objective=objective.name, tokens=tokens,
+                                     k=k, temperature=tau, reduction="none", backend="torch")
+    ref_k = objective.teacher_k if Need.TEACHER_TOPK in needs else k
+    want = R.opd_loss(dense.student.double(), dense.teacher.double(), objective.name, tokens, ref_k,
+                      None, tau, "none")
+    torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5)
+    fused = make_inputs(Case(op, "fused", TINY, 6), torch.float32, torch.device("cpu"), False, k=k)
+    assert fused.teacher is None and fused.teacher_weight is None
+    O.fused_linear_sparse_teacher_opd_loss(fused.student, fused.student_weight, **fused.served,
+                                           objective=objective.name, tokens=tokens, k=k)
+
+
+@pytest.mark.parametrize("form", registry.FORMS)
+@pytest.mark.parametrize("op", list(SERVED))
+def test_served_baseline_matches_the_library(op, form):
+    """The eager baseline (plain PyTorch on the materialized student logits and the answer)
+    against the library: value and gradient of every student leaf."""
+    case, tau, k = Case(op, form, TINY, 6), 0.7, 5
+    x = make_inputs(case, torch.float32, torch.device("cpu"), True, k=k, temperature=tau)
+    results = []
+    for impl in ("opd-torch", "eager"):
+        loss = IMPLS[impl].build(case, "fwd+bwd", x, k, tau)().mean()
+        results.append((loss, torch.autograd.grad(loss, x.grad_leaves())))
+    (ours, our_grads), (eager, eager_grads) = results
+    torch.testing.assert_close(eager, ours, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_grads, our_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not IMPLS["compile"].applies(case, "fwd", tau)
+
+
+def test_served_floors_follow_the_needs():
+    """A served teacher costs no teacher read or product: the student's pass plus its answer
+    (logits form), one student lm_head product plus the backward's (fused form)."""
+    n, v, hs, ht, k = 8192, 151936, 1536, 3584, 16
+    for op, o in SERVED.items():
+        answer = served_answer_bytes(o, n, k)
+        assert answer == n * (12 * o.teacher_k + 4 * (Need.TEACHER_AT_TOKENS in o.needs)
+                              + 4 * k * (Need.SUPPORT in o.needs))
+        dense_grad = o.name in ("sampled", "teacher_topk")  # shift terms: p at every id
+        assert logits_floor_bytes(op, "fwd", n, v, 2, k) == 2 * n * v + answer
+        assert logits_floor_bytes(op, "fwd+bwd", n, v, 2, k) == (6 if dense_grad else 4) * n * v + answer
+        assert fused_floor_flops(op, "fwd", n, v, hs, ht, k) == 2 * n * v * hs
+        sparse = {"topk": k, "teacher_topk_renormalized": o.teacher_k}.get(o.name)
+        assert fused_floor_flops(op, "fwd+bwd", n, v, hs, ht, k) == (
+            6 * n * v * hs if dense_grad else 2 * n * v * hs + 4 * n * sparse * hs)
+    assert logits_floor_bytes("served_sampled_K20", "fwd", n, v, 2, k) < \
+        logits_floor_bytes("opd_sampled", "fwd", n, v, 2, k) / 1.9
+    # the served topk step: about the student's lm_head pass (the lse forward)
+    ratio = fused_floor_flops("served_topk_K64", "fwd+bwd", n, v, hs, ht, k) / \
+        fused_floor_flops("logsumexp", "fwd", n, v, hs, ht, k)
+    assert 1 < ratio < 1.001
 
 
 def test_a_new_objective_gets_ops_a_baseline_and_a_floor(monkeypatch):
@@ -149,7 +243,7 @@ def test_a_new_objective_gets_ops_a_baseline_and_a_floor(monkeypatch):
     assert objective_reads(ops["opd_toy_scaled"]) == objective_reads(OPS["opd_full"]) == (2, 2)
 
 
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", [op for op in OPS if op not in registry.SERVED_OPS])
 def test_baselines_match_reference(op):
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(6, 97, generator=g, dtype=torch.float64) * 3).requires_grad_()
@@ -208,9 +302,10 @@ def test_trl_peer_computes_our_jsd(op):
 def test_floors_follow_kernel_design():
     n, v = 16384, 151936
     # reverse KL forward + backward in bf16: 10 bytes an element; forward alone 4.
-    assert logits_floor_bytes("reverse_kl", "fwd+bwd", n, v, 2) == 10 * n * v
-    assert logits_floor_bytes("reverse_kl", "fwd", n, v, 2) == 4 * n * v
-    assert logits_floor_bytes("opd_topk", "fwd+bwd", n, v, 2) < logits_floor_bytes("opd_full", "fwd+bwd", n, v, 2)
+    assert logits_floor_bytes("reverse_kl", "fwd+bwd", n, v, 2, 16) == 10 * n * v
+    assert logits_floor_bytes("reverse_kl", "fwd", n, v, 2, 16) == 4 * n * v
+    assert logits_floor_bytes("opd_topk", "fwd+bwd", n, v, 2, 16) < \
+        logits_floor_bytes("opd_full", "fwd+bwd", n, v, 2, 16)
     hs, ht, k, n = 1536, 3584, 16, 8192
     assert fused_floor_flops("opd_full", "fwd+bwd", n, v, hs, ht, k) == 2 * n * v * (hs + ht) + 4 * n * v * hs
     topk = fused_floor_flops("opd_topk", "fwd+bwd", n, v, hs, ht, k)
@@ -219,7 +314,7 @@ def test_floors_follow_kernel_design():
     # from the declarations: forward KL and the jsd's endpoints move what the reverse KL does;
     # the jsd's mixture pass reads both again; sampled and topk_pg need the teacher's full pass
     # but their gradients read the student only.
-    b = lambda op, mode="fwd+bwd": logits_floor_bytes(op, mode, n, v, 2)  # noqa: E731
+    b = lambda op, mode="fwd+bwd": logits_floor_bytes(op, mode, n, v, 2, k)  # noqa: E731
     assert b("opd_forward_kl") == b("opd_jsd_beta0") == b("opd_jsd_beta1") == b("opd_full")
     assert b("opd_jsd", "fwd") == 2 * b("opd_full", "fwd") and b("opd_jsd") == 14 * n * v
     assert b("opd_sampled") == b("opd_topk_pg") == 8 * n * v
@@ -229,21 +324,24 @@ def test_floors_follow_kernel_design():
 
 def test_presets_cover_every_op_and_form():
     quick, full = registry.preset("quick"), registry.preset("full")
-    assert {(c.op, c.form) for c in quick} == {(op, f) for op in registry.PRESET_OPS for f in registry.FORMS}
+    assert {(c.op, c.form) for c in quick} == {(op, f) for op in registry.PRESET_OPS + registry.SERVED_OPS
+                                               for f in registry.FORMS}
     assert full[:len(quick)] == quick and len(set(full)) == len(full)
     assert {c.n for c in full if c.model == registry.QWEN} == set(registry.TOKEN_COUNTS)
     assert {c.model for c in full} == {registry.QWEN, registry.LLAMA, registry.GEMMA}
 
 
-def _goal_payload(kl_fraction, full_ms, topk_ms):
-    def row(op, form, n, impl, ms, **extra):
-        return {"op": op, "form": form, "model": registry.QWEN.name, "n": n, "mode": "fwd+bwd",
+def _goal_payload(kl_fraction, full_ms, topk_ms, served_ms=1.2):
+    def row(op, form, n, impl, ms, mode="fwd+bwd", **extra):
+        return {"op": op, "form": form, "model": registry.QWEN.name, "n": n, "mode": mode,
                 "impl": impl, "kind": "ours" if impl.startswith("opd") else "peer", "status": "ok",
                 "median_ms": ms, "case": f"{op}/{form}/{n}", **extra}
     rows = [row("reverse_kl", "logits", 16384, "opd-triton", 1.0, fraction_of_floor=kl_fraction),
             row("reverse_kl", "logits", 16384, "eager", 9.0),
             row("opd_full", "fused", 8192, "opd-triton", full_ms, peak_extra_bytes=2**29),
-            row("opd_topk", "fused", 8192, "opd-triton", topk_ms)]
+            row("opd_topk", "fused", 8192, "opd-triton", topk_ms),
+            row("logsumexp", "fused", 8192, "opd-triton", 1.0, mode="fwd"),
+            row("served_topk_K20", "fused", 8192, "opd-triton", served_ms)]
     runner._speedups(rows)
     return {"meta": {"impls": ["opd-triton", "eager"]}, "rows": rows}
 
@@ -255,7 +353,11 @@ def test_goal_verdicts():
     assert verdicts["reverse KL logits, N=16384, fwd+bwd: speedup vs liger-jsd"][0] == "not measured"
     assert verdicts["fused full, N=8192, fwd+bwd: peak extra memory"] == ("0.50 GiB", "met")
     assert verdicts["fused topk vs full, N=8192, fwd+bwd: speedup"] == ("3.00x", "met")
-    slow = {g: v for g, _, _, v in report.goals(_goal_payload(0.5, 30.0, 20.0))}
+    served = "fused served topk (K={}), N=8192, fwd+bwd vs fused_linear_logsumexp fwd: time ratio"
+    assert verdicts[served.format(20)] == ("1.20x", "met")
+    assert verdicts[served.format(64)] == ("not measured", "–")
+    slow = {g: v for g, _, _, v in report.goals(_goal_payload(0.5, 30.0, 20.0, served_ms=1.5))}
+    assert slow[served.format(20)] == "not met"
     assert slow["reverse KL logits, N=16384, fwd+bwd: fraction of HBM floor"] == "not met"
     assert slow["fused topk vs full, N=8192, fwd+bwd: speedup"] == "not met"
 
