@@ -1,12 +1,16 @@
 """Atomic checkpoints and exact resume.
 
-A checkpoint is a folder that ``AutoModelForCausalLM.from_pretrained`` loads (safetensors weights,
-config, tokenizer) plus ``trainer_state.pt``: the step, the optimizer state and the torch, python
-and numpy RNG states, so that a resumed run ends with the same weights as an uninterrupted one.
+A checkpoint is ``checkpoints/step-NNNNNN/`` holding ``model/``, a folder that
+``AutoModelForCausalLM.from_pretrained`` loads (safetensors weights, config, the tokenizer as it
+came with the student), and beside it ``trainer_state.pt``: the step, the optimizer state, the
+run's wall time so far and the torch, python and numpy RNG states, so that a resumed run ends
+with the same weights as an uninterrupted one.
 
-Atomicity: everything is written into a temporary folder beside the target, every file fsync'ed,
+Atomicity: everything is written into a ``.tmp-*`` folder beside the target, every file fsync'ed,
 then the folder is renamed into place and the ``latest`` pointer file replaced (os.replace is
-atomic). A crash at any moment leaves the previous checkpoint and pointer intact.
+atomic). A crash at any moment leaves the previous checkpoint and pointer intact; the leftover
+temporary folder is removed by ``remove_leftovers`` when the run starts again. Files get the
+permissions the umask gives (tempfile alone makes them private).
 """
 from __future__ import annotations
 
@@ -20,6 +24,15 @@ import torch
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+STEP_PREFIX = "step-"
+_LEFTOVER_PREFIXES = (".tmp-", ".old-")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(path: str) -> None:
@@ -37,6 +50,7 @@ def _fsync_tree(path: str) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
@@ -44,16 +58,14 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(target: str, model, tokenizer, extra_state: dict | None = None) -> None:
-    """Write ``target`` (model + tokenizer [+ trainer state]) atomically; replaces an old one."""
+def _write_dir(target: str, fill) -> None:
+    """``fill(tmp)`` writes the folder's content; then it replaces ``target`` atomically."""
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if extra_state is not None:
-            torch.save(extra_state, os.path.join(tmp, STATE_FILE))
+        fill(tmp)
         _fsync_tree(tmp)
         if os.path.exists(target):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
@@ -65,6 +77,29 @@ def save_model_dir(target: str, model, tokenizer, extra_state: dict | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_model(path: str, model, tokenizer) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def save_model_dir(target: str, model, tokenizer) -> None:
+    """Write ``target`` (a Hugging Face model folder with its tokenizer) atomically."""
+    _write_dir(target, lambda tmp: _save_model(tmp, model, tokenizer))
+
+
+def remove_leftovers(folder: str) -> list:
+    """Remove the temporary folders and files a kill during a write left in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        if name.startswith(_LEFTOVER_PREFIXES):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            removed.append(name)
+    return removed
 
 
 def rng_state() -> dict:
@@ -83,14 +118,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(checkpoint_dir: str, step: int, model, tokenizer, optimizer, keep: int = 2) -> str:
-    """checkpoint_dir/step-NNNNNN, then the ``latest`` pointer; older ones beyond ``keep`` go."""
-    name = f"step-{step:06d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-    save_model_dir(os.path.join(checkpoint_dir, name), model, tokenizer, state)
+def save_checkpoint(checkpoint_dir: str, step: int, model, tokenizer, optimizer, *, keep: int = 2,
+                    wall_time_s: float = 0.0) -> str:
+    """checkpoint_dir/step-NNNNNN, then the ``latest`` pointer; of the older checkpoints, those
+    beyond ``keep`` (0: none) go. Only older ones: a checkpoint of a higher step is never this
+    run's past, so it is never deleted here."""
+    name = f"{STEP_PREFIX}{step:06d}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+             "wall_time_s": wall_time_s}
+
+    def fill(tmp):
+        _save_model(os.path.join(tmp, MODEL_DIR), model, tokenizer)
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+
+    _write_dir(os.path.join(checkpoint_dir, name), fill)
     atomic_write_text(os.path.join(checkpoint_dir, LATEST), name + "\n")
-    steps = sorted(d for d in os.listdir(checkpoint_dir) if d.startswith("step-"))
-    for old in steps[:-keep] if keep > 0 else []:
+    older = sorted(d for d in os.listdir(checkpoint_dir) if d.startswith(STEP_PREFIX) and d < name)
+    for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(checkpoint_dir, old), ignore_errors=True)
     return os.path.join(checkpoint_dir, name)
 
@@ -101,6 +145,11 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
         return None
     with open(pointer) as f:
         return os.path.join(checkpoint_dir, f.read().strip())
+
+
+def model_dir(checkpoint: str) -> str:
+    """The Hugging Face model folder of a checkpoint."""
+    return os.path.join(checkpoint, MODEL_DIR)
 
 
 def load_trainer_state(path: str) -> dict:

@@ -12,21 +12,20 @@ import time
 import numpy as np
 import torch
 
-from opd_kernels import objectives
-from opd_kernels.objectives import Need
-
 from . import config as config_mod
-from . import demo, task
-from .checkpoint import atomic_write_text, latest_checkpoint
+from . import demo, heldout, task
+from .checkpoint import (atomic_write_text, latest_checkpoint, load_trainer_state, model_dir,
+                         remove_leftovers)
+from .coldstart import cold_start
 from .errors import UsageError
 from .evaluate import accuracy
 from .loss import PairedModels
 from .models import check_same_tokenizer, load_model, output_head, verify_output_head
 from .plots import plot_metrics
 from .prompts import apply_template, load_jsonl
-from .rollout import generate
-from .sft import sft
 from .train import PromptSet, train
+
+INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C (SIGINT)
 
 
 def _seed_everything(seed: int) -> None:
@@ -47,6 +46,7 @@ def _split_cold_start(prompts: list, answers: list, count: int, seed: int) -> tu
 def _data(cfg) -> dict:
     """Raw prompts (OPD, cold start, eval) with answers and the checker, for either mode."""
     if cfg.embedded:
+        config_mod.check_k(cfg, demo.vocab_size())  # before the minutes of SFT a first run takes
         made = demo.prepare(cfg.cache_dir)
         as_lists = lambda ps: ([p.prompt for p in ps], [p.answer for p in ps])  # noqa: E731
         return {"opd": as_lists(made.opd), "cold_start": as_lists(made.cold_start),
@@ -66,31 +66,28 @@ def _data(cfg) -> dict:
 
 
 def _pair(cfg, student_path: str, teacher_path: str) -> tuple:
-    """Load both models, check they can be paired for the chosen objective."""
+    """Load both models, check they can be paired for the chosen objective; returns (pair, the
+    tokenizer to batch with, the teacher's, the student's own for checkpoints)."""
     half = cfg.torch_dtype != torch.float32
     # The student keeps fp32 master weights (optimizer updates of lr 1e-6 vanish in bf16) and
     # computes in cfg.dtype under autocast; the teacher is only ever read, so it lives in cfg.dtype.
-    student, student_tok = load_model(student_path, torch.float32, cfg.device)
-    teacher, teacher_tok = load_model(teacher_path, cfg.torch_dtype, cfg.device)
+    student, student_tok, own_tok = load_model(student_path, torch.float32, cfg.device)
+    teacher, teacher_tok, _ = load_model(teacher_path, cfg.torch_dtype, cfg.device)
     teacher.requires_grad_(False).eval()
     check_same_tokenizer(student_tok, teacher_tok)
     student_head, teacher_head = output_head(student, "student"), output_head(teacher, "teacher")
     vocab_size = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
-    objective = objectives.get(cfg.objective)
-    if cfg.k > vocab_size and Need.SUPPORT in objective.needs(objective.check_params(cfg.objective_params)):
-        raise UsageError(f"--objective {cfg.objective} (over the student's top-k) with --k {cfg.k}: "
-                         f"the models share only {vocab_size} ids")
+    config_mod.check_k(cfg, vocab_size)
     if len(student_tok) > vocab_size:
         raise UsageError(f"the tokenizer has {len(student_tok)} tokens but one model scores only "
                          f"{vocab_size}: the objective cannot compare the rest")
-    cfg.k = min(cfg.k, vocab_size)  # diagnostics' top-k on a vocabulary smaller than k
     probe = student_tok("The quick brown fox 12+34=", return_tensors="pt")["input_ids"].to(cfg.device)
     with _precision(cfg):
         verify_output_head(student, student_head, probe, "student")
         verify_output_head(teacher, teacher_head, probe, "teacher")
     pair = PairedModels(student, teacher, student_head, teacher_head, vocab_size,
                         cfg.torch_dtype if half else torch.float32)
-    return pair, student_tok, teacher_tok
+    return pair, student_tok, teacher_tok, own_tok
 
 
 def _precision(cfg):
@@ -99,40 +96,48 @@ def _precision(cfg):
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=cfg.torch_dtype)
 
 
-def _cold_start(cfg, pair, tokenizer, prompts: list, add_special_tokens: bool) -> None:
-    """Off-policy SFT of the student on one teacher response per held-out prompt."""
-    responses = []
-    for start in range(0, len(prompts), 256):
-        batch, _ = generate(pair.teacher, tokenizer, prompts[start:start + 256], cfg.max_new_tokens,
-                            cfg.temperature, add_special_tokens=add_special_tokens)
-        for row, mask in zip(batch.input_ids[:, batch.prompt_len:], batch.response_mask[:, batch.prompt_len:]):
-            ids = row[mask].tolist()
-            responses.append(tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids))
-    sft(pair.student, tokenizer, prompts, responses, steps=cfg.cold_start_steps,
-        batch_size=min(32, len(prompts)), lr=cfg.cold_start_lr, seed=cfg.seed, desc="cold start",
-        add_special_tokens=add_special_tokens)
-
-
 def _table(results: dict) -> str:
     rows = [("student before", "student_before"), ("student after cold start", "student_cold_start"),
             ("student after OPD", "student_after"), ("teacher", "teacher")]
-    lines = ["", f"{'held-out accuracy':<26}{'':>8}"]
-    lines += [f"{label:<26}{100 * results[key]:>7.1f}%" for label, key in rows if key in results]
+    shown = [(label, key) for label, key in rows if key in results]
+    if shown:
+        lines = ["", f"{'held-out accuracy':<26}{'':>8}"]
+        lines += [f"{label:<26}{100 * results[key]:>7.1f}%" for label, key in shown]
+    else:
+        lines = ["", "no held-out accuracy: give --eval-file (prompts with answers) to measure it"]
     if "gap_recovery" in results:
         lines.append(f"{'gap recovery':<26}{100 * results['gap_recovery']:>7.1f}%")
-    lines.append(f"{'wall time':<26}{results['wall_time_s']:>7.0f}s")
+    lines.append(f"{'wall time (all sessions)':<26}{results['wall_time_s']:>7.0f}s")
     return "\n".join(lines)
 
 
-def run(cfg) -> dict:
+def _save_results(path: str, results: dict) -> None:
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+
+def run(cfg) -> tuple:
+    """The whole run; returns (results, whether it finished: False after a Ctrl-C)."""
     began = time.time()
     data = _data(cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    if resume_from and not os.path.isdir(resume_from):
+        raise UsageError(f"--resume: {os.path.join(checkpoints, 'latest')} names {resume_from}, "
+                         f"which does not exist")
+    state = load_trainer_state(resume_from) if resume_from else None
+    if state is not None and state["step"] > cfg.steps:
+        raise UsageError(f"--steps {cfg.steps}: the run's latest checkpoint is of step {state['step']}")
+    pair, tokenizer, teacher_tok, own_tok = _pair(cfg, model_dir(resume_from) if resume_from else data["student"],
+                                                  data["teacher"])
+    # Every check has passed: only now does the folder become a run's.
+    os.makedirs(checkpoints, exist_ok=True)
+    for folder in (cfg.output_dir, checkpoints):
+        for name in remove_leftovers(folder):
+            print(f"removed {os.path.join(folder, name)}, left by a run killed while writing")
     if not cfg.resume:
         config_mod.save(cfg, os.path.join(cfg.output_dir, "config.json"))
-    pair, tokenizer, teacher_tok = _pair(cfg, resume_from or data["student"], data["teacher"])
+    before = state["wall_time_s"] if state is not None else 0.0
+    wall_time = lambda: before + time.time() - began  # noqa: E731
     template = lambda ps: apply_template(ps, cfg.prompt_template, tokenizer, teacher_tok)  # noqa: E731
     opd_prompts, add_special = template(data["opd"][0])
     eval_prompts, _ = template(data["eval"][0])
@@ -143,40 +148,49 @@ def run(cfg) -> dict:
             results = json.load(f)
     evaluate = lambda model: accuracy(model, tokenizer, eval_prompts, data["eval"][1], data["checker"],  # noqa: E731
                                       max_new_tokens=cfg.max_new_tokens, add_special_tokens=add_special)
+    held_out = None
+    if eval_prompts and cfg.eval_every:
+        held_out = heldout.HeldOut(os.path.join(cfg.output_dir, heldout.FILE),
+                                   eval_prompts[:cfg.eval_diagnostics_prompts], every=cfg.eval_every,
+                                   steps=cfg.steps, seed=cfg.seed)
+    elif cfg.eval_every:
+        print("no --eval-file: no held-out accuracy and no held-out diagnostics")
     _seed_everything(cfg.seed)  # the same rollouts whether or not the demo models were just trained
     with _precision(cfg):
         if eval_prompts and "student_before" not in results:
             results["student_before"] = evaluate(pair.student)
             results["teacher"] = evaluate(pair.teacher)
         if cfg.cold_start and resume_from is None:
-            _cold_start(cfg, pair, tokenizer, template(data["cold_start"][0])[0], add_special)
+            results.update(cold_start(cfg, pair, tokenizer, template(data["cold_start"][0])[0], add_special))
             if eval_prompts:
                 results["student_cold_start"] = evaluate(pair.student)
-        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
-        done = train(cfg, pair, tokenizer, PromptSet(opd_prompts, data["opd"][1], data["checker"]), add_special)
+        _save_results(results_path, results)
+        done = train(cfg, pair, tokenizer, PromptSet(opd_prompts, data["opd"][1], data["checker"]),
+                     add_special, resumed=state, save_tokenizer=own_tok, heldout=held_out, wall_time=wall_time)
         if done < cfg.steps:
             print(f"stopped after step {done}; continue with: python -m opd_train --resume {cfg.output_dir}")
-            return results
+            return results, False
         if eval_prompts:
             results["student_after"] = evaluate(pair.student)
             gap = results["teacher"] - results["student_before"]
             results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
-    results["wall_time_s"] = time.time() - began
-    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
-    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "diagnostics.png"))
+    results["wall_time_s"] = wall_time()
+    _save_results(results_path, results)
+    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "diagnostics.png"),
+                 os.path.join(cfg.output_dir, heldout.FILE))
     print(_table(results))
-    print(f"run folder: {cfg.output_dir} (checkpoint: {latest_checkpoint(checkpoints)})")
-    return results
+    print(f"run folder: {cfg.output_dir} (model: {model_dir(latest_checkpoint(checkpoints))})")
+    return results, True
 
 
 def main(argv=None) -> int:
     try:
         cfg, _ = config_mod.from_args(sys.argv[1:] if argv is None else argv)
-        run(config_mod.resolve(cfg))
+        _, finished = run(config_mod.resolve(cfg))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the OPD steps (which checkpoint first): nothing to save
         print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return INTERRUPTED
+    return 0 if finished else INTERRUPTED

@@ -19,7 +19,7 @@ import torch
 from . import task
 from .checkpoint import save_model_dir
 from .models import tiny_llama
-from .sft import sft
+from .sft import sft, text_pairs
 from .tokenizer import build_char_tokenizer
 
 
@@ -75,10 +75,15 @@ def problem_sets(spec: DemoSpec) -> tuple:
 def _train_and_cache(path: str, which: str, model_spec: ModelSpec, spec: DemoSpec, sft_set, tokenizer) -> None:
     torch.manual_seed(spec.seed + (0 if which == "teacher" else 1))
     model = tiny_llama(tokenizer, model_spec.hidden_size, model_spec.layers, model_spec.heads, spec.max_positions)
-    sft(model, tokenizer, [p.prompt for p in sft_set], [p.solution for p in sft_set],
-        steps=model_spec.sft_steps, batch_size=model_spec.sft_batch, lr=model_spec.sft_lr,
-        seed=spec.seed, desc=f"sft {which}")
+    pairs = text_pairs(tokenizer, [p.prompt for p in sft_set], [p.solution for p in sft_set])
+    sft(model, pairs, tokenizer.pad_token_id, steps=model_spec.sft_steps,
+        batch_size=model_spec.sft_batch, lr=model_spec.sft_lr, seed=spec.seed, desc=f"sft {which}")
     save_model_dir(path, model, tokenizer)
+
+
+def vocab_size() -> int:
+    """The embedded task's token ids (what --k is checked against before any training)."""
+    return len(build_char_tokenizer(task.ALPHABET))
 
 
 def prepare(cache_dir: str, spec: DemoSpec = DemoSpec()) -> DemoData:

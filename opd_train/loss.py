@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 import opd_kernels
+from opd_kernels import objectives
+from opd_kernels.objectives import Need
 
 from .models import OutputHead, final_hidden
 from .rollout import Batch
@@ -41,32 +43,59 @@ def _bias(head: OutputHead, dtype: torch.dtype):
     return None if head.bias is None else head.bias.to(dtype)
 
 
+def _heads(pair: PairedModels, batch: Batch, with_tokens: bool = True) -> dict:
+    """The arguments both kernel calls share: the heads (biases, caps, shared ids), the response
+    ids (``with_tokens``) and the mask of the positions that predict them."""
+    dtype = pair.compute_dtype
+    tokens = batch.input_ids[:, batch.prompt_len:] if with_tokens else None
+    return dict(tokens=tokens, mask=batch.response_mask[:, batch.prompt_len:],
+                vocab_size=pair.vocab_size, student_bias=_bias(pair.student_head, dtype),
+                teacher_bias=_bias(pair.teacher_head, dtype), student_softcap=pair.student_head.softcap,
+                teacher_softcap=pair.teacher_head.softcap)
+
+
+def _teacher_states(pair: PairedModels, batch: Batch) -> tuple:
+    with torch.no_grad():
+        return (predicting_states(pair.teacher, pair.teacher_head, batch, pair.compute_dtype),
+                pair.teacher_head.weight.to(pair.compute_dtype))
+
+
 def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, temperature: float,
-                 **objective_params):
-    """(summed loss over the batch's response tokens, TopKStats, summed full-vocabulary reverse KL,
-    summed token reward), all from one fused pass (``return_stats``: the statistics carry the exact
-    KL(p || q) and both models' log-probs of the response tokens). Summing lets the caller take the
-    token mean over a whole step of micro-batches. The token reward is the sampled objective's
-    r = log q(y) - log p(y), whatever the objective: its mean is the one-sample estimate of
-    -KL(p || q) on the rollouts. The KL and the reward are detached device scalars (no sync).
-    ``objective_params``: the objective's declared parameters (e.g. jsd's ``beta``)."""
-    mask = batch.response_mask[:, batch.prompt_len:]
-    tokens = batch.input_ids[:, batch.prompt_len:]
+                 diagnostics: bool, **objective_params):
+    """(summed loss over the batch's response tokens, TopKStats or None), from one fused pass.
+    Summing lets the caller take the token mean over a whole step of micro-batches.
+
+    ``diagnostics``: ``return_stats``, so the same pass also gives the statistics with the exact
+    KL(p || q) and both models' log-probs of the response tokens (the token reward
+    r = log q(y) - log p(y), whatever the objective). It costs the teacher's full lm_head pass
+    and both models' top-k; without it the pass does only what the objective needs ("topk":
+    no teacher lm_head product at all). The response ids go to the kernels only where the
+    objective or the diagnostics read them: the kernels check their range with a host
+    synchronization a call. ``objective_params``: the objective's declared parameters (e.g.
+    jsd's ``beta``)."""
+    spec = objectives.get(objective)
+    with_tokens = diagnostics or Need.TOKENS in spec.needs(spec.check_params(objective_params))
     student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
     student_weight = pair.student_head.weight.to(pair.compute_dtype)
-    with torch.no_grad():
-        teacher_hidden = predicting_states(pair.teacher, pair.teacher_head, batch, pair.compute_dtype)
-        teacher_weight = pair.teacher_head.weight.to(pair.compute_dtype)
-    loss, stats = opd_kernels.fused_linear_opd_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight,
-        objective=objective, tokens=tokens, k=k, mask=mask, temperature=temperature,
-        reduction="sum", return_stats=True, vocab_size=pair.vocab_size,
-        student_bias=_bias(pair.student_head, pair.compute_dtype),
-        teacher_bias=_bias(pair.teacher_head, pair.compute_dtype),
-        student_softcap=pair.student_head.softcap, teacher_softcap=pair.teacher_head.softcap,
-        **objective_params)
-    # Uncounted positions hold NaN in the statistics: sum the counted ones only.
-    counted = lambda t: torch.where(stats.mask, t.detach(), torch.zeros_like(t)).sum()  # noqa: E731
-    kl = counted(stats.reverse_kl)
-    reward = counted(stats.teacher_logprob - stats.student_logprob)
-    return loss, stats, kl, reward
+    teacher_hidden, teacher_weight = _teacher_states(pair, batch)
+    out = opd_kernels.fused_linear_opd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, objective=objective, k=k,
+        temperature=temperature, reduction="sum", return_stats=diagnostics,
+        **_heads(pair, batch, with_tokens), **objective_params)
+    return out if diagnostics else (out, None)
+
+
+@torch.no_grad()
+def statistics(pair: PairedModels, batch: Batch, *, k: int, temperature: float):
+    """The TopKStats of a batch without a loss (the held-out diagnostics)."""
+    student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
+    teacher_hidden, teacher_weight = _teacher_states(pair, batch)
+    return opd_kernels.fused_linear_topk_overlap(
+        student_hidden, pair.student_head.weight.to(pair.compute_dtype), teacher_hidden,
+        teacher_weight, k=k, temperature=temperature, **_heads(pair, batch))
+
+
+def token_reward(summary: dict) -> float:
+    """The mean token reward log q(y) - log p(y) from TopKStats.summary() (both means are over
+    the same counted positions)."""
+    return summary["teacher_logprob"] - summary["student_logprob"]

@@ -11,6 +11,7 @@ training starts.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -39,7 +40,9 @@ def _is_hub_id(name: str) -> bool:
 
 
 def load_model(name: str, dtype: torch.dtype, device: str):
-    """A causal LM and its tokenizer from a local folder or a hub id, with a clear error."""
+    """(causal LM, tokenizer to batch with, the tokenizer as it came) from a local folder or a hub
+    id, with a clear error. The one to batch with has a pad token; checkpoints save the other,
+    so that a trained model's folder carries its own tokenizer settings."""
     path = os.path.expanduser(name)
     if not os.path.isdir(path) and not _is_hub_id(name):
         raise UsageError(f"model path not found: {name}")
@@ -48,9 +51,11 @@ def load_model(name: str, dtype: torch.dtype, device: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {name!r}: {e}") from e
+    working = tokenizer
     if tokenizer.pad_token is None:  # batched generation pads; the padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+        working = copy.deepcopy(tokenizer)
+        working.pad_token = working.eos_token
+    return model.to(device), working, tokenizer
 
 
 def check_same_tokenizer(student_tok, teacher_tok) -> None:
@@ -130,3 +135,13 @@ def verify_output_head(model, head: OutputHead, input_ids, name: str) -> None:
             f"(scale {head.hidden_scale:g}, bias {head.bias is not None}, softcap {head.softcap}; relative error "
             f"{err:.3g}); a logit post-processing this trainer does not know would make the "
             "distillation loss wrong, so it refuses the model")
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute the layers' activations in the backward (non-reentrant: it works under no_grad
+    inputs and with the kernels' own autograd functions). transformers 5 renamed the switch."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

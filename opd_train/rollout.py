@@ -18,6 +18,8 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L] 1 on real tokens
     response_mask: torch.Tensor   # [B, L] True on response tokens (their eos included)
     prompt_len: int               # column where every response starts
+    response_lengths: list        # per row, on the host: its response tokens (eos included)
+    lengths: list                 # per row, on the host: its real tokens (prompt + response)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -25,7 +27,19 @@ class Batch:
 
     @property
     def response_tokens(self) -> int:
-        return int(self.response_mask.sum())
+        return sum(self.response_lengths)
+
+    def rows(self, index: list) -> "Batch":
+        """The batch of these rows, trimmed to the columns any of them uses (left padding of the
+        prompts, right padding after the responses): a micro-batch costs its own length only."""
+        ids = torch.tensor(index, device=self.input_ids.device)
+        prompt_real = [self.lengths[i] - self.response_lengths[i] for i in index]
+        left = self.prompt_len - max(prompt_real)
+        right = self.prompt_len + max(self.response_lengths[i] for i in index)
+        cut = lambda t: t.index_select(0, ids)[:, left:right]  # noqa: E731
+        return Batch(cut(self.input_ids), cut(self.attention_mask), cut(self.response_mask),
+                     self.prompt_len - left, [self.response_lengths[i] for i in index],
+                     [self.lengths[i] for i in index])
 
 
 def response_mask_after(generated: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -55,7 +69,11 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         enc = tokenizer(prompts[start:start + step], padding=True, padding_side="left",
                         return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
         out = model.generate(**enc, generation_config=config)
-        chunks.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]))
+        # One copy to the host per chunk (decoding needs it anyway): the layout below, the
+        # response lengths and the texts then cost no further device synchronization.
+        out = out.cpu()
+        width = enc["input_ids"].shape[1]
+        chunks.append((out[:, :width], enc["attention_mask"].cpu(), out[:, width:]))
     model.train(was_training)
     prompt_len = max(p.shape[1] for p, _, _ in chunks)
     resp_len = max(r.shape[1] for _, _, r in chunks)
@@ -69,8 +87,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         rows_ids.append(torch.cat([p, r], 1))
         rows_attn.append(torch.cat([prompt_real, resp], 1).long())
         rows_resp.append(torch.cat([torch.zeros_like(p, dtype=torch.bool), resp], 1))
-    batch = Batch(torch.cat(rows_ids), torch.cat(rows_attn), torch.cat(rows_resp), prompt_len)
-    texts = tokenizer.batch_decode(
-        [row[m] for row, m in zip(batch.input_ids[:, prompt_len:], batch.response_mask[:, prompt_len:])],
-        skip_special_tokens=True)
+    ids, resp = torch.cat(rows_ids), torch.cat(rows_resp)
+    texts = tokenizer.batch_decode([row[m] for row, m in zip(ids[:, prompt_len:], resp[:, prompt_len:])],
+                                   skip_special_tokens=True)
+    batch = Batch(ids.to(device), torch.cat(rows_attn).to(device), resp.to(device), prompt_len,
+                  resp.sum(1).tolist(), torch.cat(rows_attn).sum(1).tolist())
     return batch, texts

@@ -18,5 +18,5 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
     backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.decoder = decoders.Fuse()
-    # prompts are left-padded so that generation continues them
-    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **SPECIAL_TOKENS)
+    # the library's default padding side: the rollouts ask for left padding in each call
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)

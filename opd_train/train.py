@@ -2,8 +2,13 @@
 
 Each step: take the next prompts in a seeded order, sample ``rollouts_per_prompt`` responses from
 the student, score every response token with both models from their final hidden states
-(opd_kernels.fused_linear_opd_loss; the teacher under no_grad), take one AdamW step on the token
-mean, and log the kernels' top-k statistics with the reward, gradient norm, length and speed.
+(opd_kernels.fused_linear_opd_loss; the teacher under no_grad) in micro-batches of a token
+budget, take one AdamW step on the token mean, and log. Every ``diagnostics_every`` steps (and
+on the last) the same pass also returns the kernels' statistics (exact reverse KL, both
+entropies, the top-k overlap, the token reward); the other steps log the loss, gradient norm,
+length and speed only, and with "topk" do no teacher lm_head product. Whatever a step logs
+reaches the host in one copy (one synchronization a step, not one a micro-batch). Held-out
+diagnostics (heldout.py) every ``eval_every`` steps.
 
 Ctrl-C finishes the current step, checkpoints and stops (a second Ctrl-C stops at once).
 """
@@ -21,10 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from .loss import PairedModels, opd_loss_sum
-from .rollout import Batch, generate
 from opd_kernels import TopKStats
+
+from .batching import host_summary, micro_batches
+from .checkpoint import save_checkpoint, set_rng_state
+from .heldout import HeldOut
+from .loss import PairedModels, opd_loss_sum
+from .models import enable_checkpointing
+from .rollout import generate
+from .runlog import truncate_rows
 
 
 @dataclass
@@ -67,83 +77,91 @@ class StopOnSigint:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _slices(batch: Batch, size: int):
-    n = batch.input_ids.shape[0]
-    size = size or n
-    for start in range(0, n, size):
-        part = slice(start, start + size)
-        yield Batch(batch.input_ids[part], batch.attention_mask[part], batch.response_mask[part],
-                    batch.prompt_len)
+def diagnoses(cfg, done: int) -> bool:
+    """Whether step ``done`` (1-based) logs the full diagnostics: the first, every
+    ``diagnostics_every``-th and the last."""
+    return done == 1 or done % cfg.diagnostics_every == 0 or done == cfg.steps
 
 
-def _truncate_metrics(path: str, steps_done: int) -> None:
-    """Drop lines of steps a resumed run will redo (they ran after the last checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= steps_done]
-    with open(path, "w") as f:
-        f.writelines(kept)
+def _loss_and_stats(cfg, pair: PairedModels, batch, diagnostics: bool) -> tuple:
+    """Forward and backward of the step's micro-batches: (the loss summed over its tokens, the
+    statistics of every position flattened to one axis, or None), both still on the device."""
+    tokens = batch.response_tokens
+    sums, parts = [], []
+    for part in micro_batches(batch, cfg.micro_batch_tokens):
+        loss, stats = opd_loss_sum(pair, part, objective=cfg.objective, k=cfg.k,
+                                   temperature=cfg.loss_temperature, diagnostics=diagnostics,
+                                   **cfg.objective_params)
+        (loss / tokens).backward()
+        sums.append(loss.detach().float())
+        if stats is not None:  # flattened: trimmed micro-batches have different widths
+            parts.append(stats.map(lambda t: t.reshape(-1)))
+    return torch.stack(sums).sum(), TopKStats.cat(parts) if parts else None
 
 
-def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_tokens: bool) -> int:
-    """Runs steps until cfg.steps (or Ctrl-C); returns the number of steps done."""
+def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_tokens: bool, *,
+          resumed: Optional[dict], save_tokenizer, heldout: Optional[HeldOut],
+          wall_time: Callable[[], float]) -> int:
+    """Runs steps until cfg.steps (or Ctrl-C), from the trainer state ``resumed`` (None: from
+    the start); returns the number of steps done. Checkpoints hold ``save_tokenizer`` (the
+    student's own) and ``wall_time()``, the run's time so far."""
     student = pair.student
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start = 0
-    resumed = latest_checkpoint(checkpoints) if cfg.resume else None
-    if resumed:
-        state = load_trainer_state(resumed)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-    _truncate_metrics(metrics_path, start)
-    step = start
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"])
+        start = resumed["step"]
+    truncate_rows(metrics_path, start)
+    if heldout is not None:
+        truncate_rows(heldout.path, start)
+        heldout.logged = {s for s in heldout.logged if s <= start}
+        if heldout.due(start):
+            heldout.measure(start, pair, tokenizer, cfg, add_special_tokens)
+    shown = {}
     with StopOnSigint() as stop, open(metrics_path, "a") as log:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd", dynamic_ncols=True)
         for step in bar:
             began = time.time()
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            done = step + 1
+            lr = cfg.lr * min(1.0, done / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for group in optimizer.param_groups:  # a function of the step: nothing to resume
                 group["lr"] = lr
             idx = step_prompts(len(data.prompts), cfg.prompts_per_step, step, cfg.seed)
             idx = [i for i in idx for _ in range(cfg.rollouts_per_prompt)]
             batch, texts = generate(student, tokenizer, [data.prompts[i] for i in idx],
-                                    cfg.max_new_tokens, cfg.temperature,
+                                    cfg.max_new_tokens, cfg.sampling_temperature,
                                     add_special_tokens=add_special_tokens)
             rewards = [float(data.checker(t, data.answers[i])) for t, i in zip(texts, idx)
                        if data.checker is not None and data.answers[i] is not None]
             tokens = batch.response_tokens
             student.train()
-            sums, stats = [], []  # (loss, KL, reward) of each micro-batch, on the device
-            for part in _slices(batch, cfg.micro_batch_size):
-                loss, part_stats, kl, token_reward = opd_loss_sum(
-                    pair, part, objective=cfg.objective, k=cfg.k, temperature=cfg.temperature,
-                    **cfg.objective_params)
-                (loss / tokens).backward()
-                sums.append(torch.stack([loss.detach().float(), kl.float(), token_reward.float()]))
-                stats.append(part_stats)
-            loss_sum, kl_sum, reward_sum = torch.stack(sums).sum(0).tolist()  # one sync a step
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
+            loss_sum, stats = _loss_and_stats(cfg, pair, batch, diagnoses(cfg, done))
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            (loss_sum, grad_norm), diagnostics = host_summary([loss_sum, grad_norm], stats)  # the sync
             elapsed = time.time() - began
-            row = {"step": step + 1, "loss": loss_sum / tokens, "reverse_kl": kl_sum / tokens,
-                   **TopKStats.cat(stats).summary(),
-                   "token_reward": reward_sum / tokens,
+            row = {"step": done, "loss": loss_sum / tokens, **diagnostics,
                    "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
                    "grad_norm": grad_norm, "response_length": tokens / len(idx),
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            bar.set_postfix(kl=f"{row['reverse_kl']:.3f}", overlap=f"{row['overlap']:.3f}",
-                            reward=f"{row['token_reward']:.3f}", acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
+            shown.update({name: f"{row[key]:.3f}" for name, key in
+                          (("kl", "reverse_kl"), ("overlap", "overlap"), ("reward", "token_reward"))
+                          if key in row})
+            bar.set_postfix(**shown, acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
                             len=f"{row['response_length']:.0f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            done = step + 1
             if stop.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
-                save_checkpoint(checkpoints, done, student, tokenizer, optimizer, cfg.keep_checkpoints)
+                save_checkpoint(checkpoints, done, student, save_tokenizer, optimizer,
+                                keep=cfg.keep_checkpoints, wall_time_s=wall_time())
             if stop.requested:
                 return done
+            if heldout is not None and heldout.due(done):
+                heldout.measure(done, pair, tokenizer, cfg, add_special_tokens)
     return cfg.steps

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd_kernels import objectives
 from opd_kernels.objectives import Need
 from opd_train import cli, config, task, train
-from opd_train.checkpoint import latest_checkpoint, save_model_dir
+from opd_train.checkpoint import latest_checkpoint, model_dir, save_model_dir
 from opd_train.cli import main
 from opd_train.errors import UsageError
 from opd_train.models import tiny_llama
@@ -67,7 +67,7 @@ def test_tiny_end_to_end(setup, tmp_path, objective, extra, capsys, monkeypatch)
     assert config["objective"] == objective and config["device"] == "cpu" and config["dtype"] == "float32"
     # the objective's declared parameters, and only those, reach the loss
     expected = {"beta": 0.25} if extra else {}
-    assert calls and all({n: kw[n] for n in kw if n not in ("objective", "k", "temperature")}
+    assert calls and all({n: kw[n] for n in kw if n not in ("objective", "k", "temperature", "diagnostics")}
                          == expected and kw["objective"] == objective for kw in calls)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and METRIC_KEYS <= set(rows[0])
@@ -77,7 +77,7 @@ def test_tiny_end_to_end(setup, tmp_path, objective, extra, capsys, monkeypatch)
     assert {"student_before", "student_after", "teacher", "gap_recovery"} <= set(results)
     assert "gap recovery" in capsys.readouterr().out
     # the checkpoint is a Hugging Face model folder, and it holds the trained weights
-    ckpt = latest_checkpoint(str(out / "checkpoints"))
+    ckpt = model_dir(latest_checkpoint(str(out / "checkpoints")))
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     AutoTokenizer.from_pretrained(ckpt)
     start = AutoModelForCausalLM.from_pretrained(setup / "student")
@@ -90,15 +90,18 @@ def test_cold_start_and_prompt_template(setup, tmp_path):
     out = tmp_path / "run"
     argv = _args(setup, out, "--steps", "1", "--objective", "topk", "--cold-start",
                  "--cold-start-prompts", "4", "--cold-start-steps", "2",
-                 "--prompt-template", "Solve. {prompt}")
+                 "--prompt-template", "Solve. {prompt}", "--max-new-tokens", "16")
     assert main(argv) == 0
     results = json.loads((out / "eval.json").read_text())
     assert {"student_before", "student_cold_start", "student_after"} <= set(results)
+    # the random teacher ends some responses within 16 tokens and not others: both counted
+    assert results["cold_start_responses"] > 0 and results["cold_start_dropped"] > 0
+    assert results["cold_start_responses"] + results["cold_start_dropped"] == 4
     assert json.loads((out / "config.json").read_text())["prompt_template"] == "Solve. {prompt}"
 
 
 def _weights(out):
-    return load_file(os.path.join(latest_checkpoint(str(out / "checkpoints")), "model.safetensors"))
+    return load_file(os.path.join(model_dir(latest_checkpoint(str(out / "checkpoints"))), "model.safetensors"))
 
 
 def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
@@ -118,7 +121,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "generate", interrupting_generate)
     out = tmp_path / "interrupted"
-    assert main(_args(setup, out, *common)) == 0
+    assert main(_args(setup, out, *common)) == cli.INTERRUPTED  # non-zero, after its checkpoint
     assert latest_checkpoint(str(out / "checkpoints")).endswith("step-000002")
     monkeypatch.setattr(train, "generate", real_generate)
     assert main(["--resume", str(out)]) == 0

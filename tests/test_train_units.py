@@ -3,6 +3,7 @@ the registry), the loss path (shift, masks, logit scaling, soft-capping, an lm_h
 objective and its parameters) against the float64 reference on the models' own logits, the
 diagnostics from the loss's own pass, and checkpoint atomicity."""
 import json
+import math
 import os
 
 import pytest
@@ -55,7 +56,7 @@ def test_tokenizer_roundtrip(tok, tmp_path):
     assert len(ids) == len(text) and tok.decode(ids) == text
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    assert again(text)["input_ids"] == ids and again.padding_side == "left"
+    assert again(text)["input_ids"] == ids and again.padding_side == tok.padding_side
 
 
 def test_step_prompts_cover_each_epoch():
@@ -118,11 +119,13 @@ def test_loss_matches_reference_on_model_logits(tok, objective, params):
     batch, _ = generate(student, tok, prompts, max_new_tokens=6, temperature=1.0)
     assert batch.input_ids[0, 0] == tok.pad_token_id  # really left-padded
     pair = _pair(student, teacher)
-    loss, stats, kl, token_reward = opd_loss_sum(pair, batch, objective=objective, k=4,
-                                                 temperature=1.0, **params)
+    loss, stats = opd_loss_sum(pair, batch, objective=objective, k=4, temperature=1.0,
+                               diagnostics=True, **params)
     loss.backward()
     ours = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
+    counted = lambda t: t[stats.mask].sum()  # noqa: E731
+    kl, token_reward = counted(stats.reverse_kl), counted(stats.teacher_logprob - stats.student_logprob)
 
     def logits(model):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -146,6 +149,9 @@ def test_loss_matches_reference_on_model_logits(tok, objective, params):
     torch.testing.assert_close(token_reward.double(), want_reward, rtol=1e-4, atol=1e-5)
     assert stats.overlap.shape == mask.shape and torch.isnan(stats.overlap[~mask]).all()
     assert not kl.requires_grad and not token_reward.requires_grad
+    summary = stats.summary()
+    assert math.isclose(summary["teacher_logprob"] - summary["student_logprob"],
+                        token_reward.item() / mask.sum().item(), rel_tol=1e-5, abs_tol=1e-7)
 
     # The same diagnostics as the separate full-vocabulary passes the loop used to spend on them.
     with torch.no_grad():
@@ -174,8 +180,9 @@ def test_objective_params_reach_the_kernels(tok, monkeypatch):
     monkeypatch.setattr(opd_kernels, "fused_linear_opd_loss", spy)
     cfg, _ = config.from_args(["--objective", "jsd", "--beta", "0.1"])
     pair = _pair(student, teacher)
-    low, *_ = opd_loss_sum(pair, batch, objective=cfg.objective, k=4, temperature=1.0, **cfg.objective_params)
-    default, *_ = opd_loss_sum(pair, batch, objective="jsd", k=4, temperature=1.0)
+    low, _ = opd_loss_sum(pair, batch, objective=cfg.objective, k=4, temperature=1.0,
+                          diagnostics=False, **cfg.objective_params)
+    default, _ = opd_loss_sum(pair, batch, objective="jsd", k=4, temperature=1.0, diagnostics=False)
     assert seen[0]["objective"] == "jsd" and seen[0]["beta"] == 0.1 and "beta" not in seen[1]
     assert not torch.allclose(low, default)
 
@@ -197,8 +204,8 @@ def test_logit_scale_is_applied(tok):
     ids = tok(["Q:12+34\nA:1+2"], return_tensors="pt")["input_ids"]
     verify_output_head(student, head, ids, "student")
     batch, _ = generate(student, tok, ["Q:1+2\nA:"], max_new_tokens=5, temperature=1.0)
-    loss, _, _, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4,
-                                 temperature=1.0)
+    loss, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4,
+                           temperature=1.0, diagnostics=False)
     p = batch.prompt_len
     s = student(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
     t = teacher(input_ids=batch.input_ids).logits.double()[:, p - 1:-1]
@@ -233,7 +240,9 @@ def test_softcap_and_bias_are_passed_through(tok):
         verify_output_head(student, uncapped, ids, "student")  # the cap matters at these logits
 
     batch, _ = generate(student, tok, ["Q:1+2\nA:", "Q:45+6\nA:"], max_new_tokens=5, temperature=1.0)
-    loss, _, kl, _ = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4, temperature=1.0)
+    loss, stats = opd_loss_sum(_pair(student, teacher), batch, objective="full", k=4, temperature=1.0,
+                               diagnostics=True)
+    kl = stats.reverse_kl[stats.mask].sum()
     loss.backward()
     ours = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -268,7 +277,7 @@ def test_checkpoint_is_atomic_and_loadable(tok, tmp_path, monkeypatch):
     model = tiny_llama(tok, 16, 1, 2, 64)
     optimizer = torch.optim.AdamW(model.parameters())
     first = checkpoint.save_checkpoint(str(tmp_path), 1, model, tok, optimizer)
-    loaded = AutoModelForCausalLM.from_pretrained(first)
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint.model_dir(first))
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -281,4 +290,7 @@ def test_checkpoint_is_atomic_and_loadable(tok, tmp_path, monkeypatch):
     assert checkpoint.latest_checkpoint(str(tmp_path)) == first
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-000001"]
     assert checkpoint.load_trainer_state(first)["step"] == 1
-    json.loads(open(os.path.join(first, "config.json")).read())
+    json.loads(open(os.path.join(checkpoint.model_dir(first), "config.json")).read())
+    # the optimizer state sits beside the Hugging Face folder, not in it
+    assert sorted(os.listdir(first)) == ["model", "trainer_state.pt"]
+    assert checkpoint.STATE_FILE not in os.listdir(checkpoint.model_dir(first))
