@@ -62,10 +62,11 @@ def _linear_model(hidden, weight, bias, softcap) -> Model:
     return Model(hidden=_rows(hidden, hidden.shape[-1]), weight=weight, bias=bias, softcap=softcap)
 
 
-def _run(form: str, student: Model, teacher: Model, lead, vocab: int, device, *, objective,
-         objective_params: dict, tokens, k, mask, temperature, reduction, return_stats, ignore_index,
-         backend, **options):
-    """The checks every loss shares, the backend call, and the reduction."""
+def _loss_arguments(objective, objective_params, lead, vocab, device, tokens, mask, temperature,
+                    reduction, return_stats, ignore_index) -> tuple:
+    """The checks every loss shares: (objective, params, needs, mask, tau, return_stats, tokens),
+    the mask holding the ignore_index positions, the tokens 0 at uncounted ones; needs includes
+    Need.TOKENS where tokens are given."""
     objective = objectives.get(objective)
     params = objective.check_params(objective_params)
     needs = objective.needs(params)
@@ -80,6 +81,16 @@ def _run(form: str, student: Model, teacher: Model, lead, vocab: int, device, *,
         tokens, mask = check.tokens(tokens, lead, vocab, device, mask, check.ignore_index(ignore_index))
         tokens = _counted_ids(tokens, mask)
         needs = needs | {Need.TOKENS}
+    return objective, params, needs, mask, tau, return_stats, tokens
+
+
+def _run(form: str, student: Model, teacher: Model, lead, vocab: int, device, *, objective,
+         objective_params: dict, tokens, k, mask, temperature, reduction, return_stats, ignore_index,
+         backend, **options):
+    """The checks every loss shares, the backend call, and the reduction."""
+    objective, params, needs, mask, tau, return_stats, tokens = _loss_arguments(
+        objective, objective_params, lead, vocab, device, tokens, mask, temperature, reduction,
+        return_stats, ignore_index)
     if return_stats:
         needs = needs | _STATS_NEEDS
     if Need.SUPPORT in needs:  # k means nothing to the other objectives
@@ -335,19 +346,9 @@ def _run_served(form: str, student: Model, lead, vocab: int, device, *, teacher_
                 teacher_logprobs, teacher_token_logprob, teacher_logprobs_at, objective,
                 objective_params, tokens, k, mask, temperature, reduction, return_stats,
                 ignore_index, backend, **options):
-    objective = objectives.get(objective)
-    params = objective.check_params(objective_params)
-    needs = objective.needs(params)
-    mask = check.mask(mask, lead, device)
-    tau = check.temperature(temperature)
-    check.choice("reduction", reduction, check.REDUCTIONS)
-    return_stats = check.flag("return_stats", return_stats)
-    if Need.TOKENS in needs and tokens is None:
-        raise ValueError(f"objective={objective.name!r} needs tokens (the sampled token ids, one a "
-                         f"position)")
-    if tokens is not None:
-        tokens, mask = check.tokens(tokens, lead, vocab, device, mask, check.ignore_index(ignore_index))
-        tokens = _counted_ids(tokens, mask)
+    objective, params, needs, mask, tau, return_stats, tokens = _loss_arguments(
+        objective, objective_params, lead, vocab, device, tokens, mask, temperature, reduction,
+        return_stats, ignore_index)
     if Need.SUPPORT in needs or return_stats:
         k = check.k(k, vocab)
     teacher = _served(teacher_ids, teacher_logprobs, teacher_token_logprob, teacher_logprobs_at,
