@@ -51,5 +51,6 @@ def host_summary(scalars: list, stats: Optional[TopKStats]) -> tuple:
     if stats is None:
         return numbers, {}
     *values, mask = host[len(scalars):]
-    summary = TopKStats(**dict(zip(stats.tensors(), values)), mask=mask).summary()
+    summary = TopKStats(**dict(zip(stats.tensors(), values)), mask=mask,
+                        teacher_entropy_is_bound=stats.teacher_entropy_is_bound).summary()
     return numbers, {**summary, "token_reward": token_reward(summary)}

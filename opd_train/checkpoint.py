@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 import torch
@@ -119,12 +120,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, model, tokenizer, optimizer, *, keep: int = 2,
-                    wall_time_s: float = 0.0) -> str:
+                    wall_time_s: float = 0.0, rng: Optional[dict] = None) -> str:
     """checkpoint_dir/step-NNNNNN, then the ``latest`` pointer; of the older checkpoints, those
     beyond ``keep`` (0: none) go. Only older ones: a checkpoint of a higher step is never this
-    run's past, so it is never deleted here."""
+    run's past, so it is never deleted here. ``rng``: the RNG states as they were at the end of
+    ``step`` (default: as they are now)."""
     name = f"{STEP_PREFIX}{step:06d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(),
              "wall_time_s": wall_time_s}
 
     def fill(tmp):

@@ -8,16 +8,17 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import config as config_mod
-from . import demo, heldout, task
+from . import demo, heldout, served, task
 from .checkpoint import (atomic_write_text, latest_checkpoint, load_trainer_state, model_dir,
                          remove_leftovers)
 from .coldstart import cold_start
-from .errors import UsageError
+from .errors import RunStopped, UsageError
 from .evaluate import accuracy
 from .loss import PairedModels
 from .models import check_same_tokenizer, load_model, output_head, verify_output_head
@@ -65,18 +66,22 @@ def _data(cfg) -> dict:
             "student": cfg.student, "teacher": cfg.teacher}
 
 
-def _pair(cfg, student_path: str, teacher_path: str) -> tuple:
-    """Load both models, check they can be paired for the chosen objective; returns (pair, the
-    tokenizer to batch with, the teacher's, the student's own for checkpoints)."""
+def _pair(cfg, student_path: str, teacher_path: Optional[str]) -> tuple:
+    """Load the student and the teacher (``teacher_path`` None: connect to the served one), check
+    they can be paired for the chosen objective; returns (pair, the tokenizer to batch with, the
+    teacher's or None, the student's own for checkpoints)."""
     half = cfg.torch_dtype != torch.float32
     # The student keeps fp32 master weights (optimizer updates of lr 1e-6 vanish in bf16) and
     # computes in cfg.dtype under autocast; the teacher is only ever read, so it lives in cfg.dtype.
     student, student_tok, own_tok = load_model(student_path, torch.float32, cfg.device)
-    teacher, teacher_tok, _ = load_model(teacher_path, cfg.torch_dtype, cfg.device)
-    teacher.requires_grad_(False).eval()
-    check_same_tokenizer(student_tok, teacher_tok)
-    student_head, teacher_head = output_head(student, "student"), output_head(teacher, "teacher")
-    vocab_size = min(student_head.weight.shape[0], teacher_head.weight.shape[0])
+    student_head = output_head(student, "student")
+    teacher = teacher_tok = teacher_head = None
+    if teacher_path is not None:
+        teacher, teacher_tok, _ = load_model(teacher_path, cfg.torch_dtype, cfg.device)
+        teacher.requires_grad_(False).eval()
+        check_same_tokenizer(student_tok, teacher_tok)
+        teacher_head = output_head(teacher, "teacher")
+    vocab_size = min(head.weight.shape[0] for head in (student_head, teacher_head) if head is not None)
     config_mod.check_k(cfg, vocab_size)
     if len(student_tok) > vocab_size:
         raise UsageError(f"the tokenizer has {len(student_tok)} tokens but one model scores only "
@@ -84,9 +89,11 @@ def _pair(cfg, student_path: str, teacher_path: str) -> tuple:
     probe = student_tok("The quick brown fox 12+34=", return_tensors="pt")["input_ids"].to(cfg.device)
     with _precision(cfg):
         verify_output_head(student, student_head, probe, "student")
-        verify_output_head(teacher, teacher_head, probe, "teacher")
+        if teacher is not None:
+            verify_output_head(teacher, teacher_head, probe, "teacher")
+    client = None if teacher is not None else served.connect(cfg, vocab_size, probe[0].tolist())
     pair = PairedModels(student, teacher, student_head, teacher_head, vocab_size,
-                        cfg.torch_dtype if half else torch.float32)
+                        cfg.torch_dtype if half else torch.float32, client)
     return pair, student_tok, teacher_tok, own_tok
 
 
@@ -159,7 +166,10 @@ def run(cfg) -> tuple:
     with _precision(cfg):
         if eval_prompts and "student_before" not in results:
             results["student_before"] = evaluate(pair.student)
-            results["teacher"] = evaluate(pair.teacher)
+            if pair.teacher is not None:
+                results["teacher"] = evaluate(pair.teacher)
+            else:
+                print("served teacher: no teacher accuracy, so no gap recovery (the server only scores)")
         if cfg.cold_start and resume_from is None:
             results.update(cold_start(cfg, pair, tokenizer, template(data["cold_start"][0])[0], add_special))
             if eval_prompts:
@@ -172,8 +182,9 @@ def run(cfg) -> tuple:
             return results, False
         if eval_prompts:
             results["student_after"] = evaluate(pair.student)
-            gap = results["teacher"] - results["student_before"]
-            results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
+            if "teacher" in results:
+                gap = results["teacher"] - results["student_before"]
+                results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
     results["wall_time_s"] = wall_time()
     _save_results(results_path, results)
     plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "diagnostics.png"),
@@ -190,6 +201,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # outside the OPD steps (which checkpoint first): nothing to save
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

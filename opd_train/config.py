@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,6 +81,12 @@ class Config:
     keep_checkpoints: int = 2
     resume: Optional[str] = None
     cache_dir: Optional[str] = None     # None: $XDG_CACHE_HOME/opd_train (filled by resolve)
+    teacher_server: Optional[str] = None  # a served teacher instead of --teacher (served.py)
+    teacher_topk: int = 20              # vLLM's default --max-logprobs
+    teacher_timeout_s: float = 120.0
+    teacher_attempts: int = 4
+    teacher_backoff_s: float = 1.0
+    teacher_workers: int = 8
 
     @property
     def embedded(self) -> bool:
@@ -119,7 +126,7 @@ HELP = {
                  "diagnostics",
     "objective": "OPD objective (opd_kernels.objectives): "
                  + "; ".join(f"{name}: {objectives.get(name).summary}"
-                             for name in objectives.names()).replace("%", "%%"),  # argparse formats help
+                             for name in objectives.names(None)).replace("%", "%%"),  # argparse formats help
     "k": "top-k size (the objectives over the student's top-k, and the overlap diagnostics)",
     "temperature": "softmax temperature: the default of both --sampling-temperature and "
                    "--loss-temperature",
@@ -159,7 +166,21 @@ HELP = {
     "keep_checkpoints": "checkpoints kept in the run folder; 0 = all",
     "resume": "continue the run in this folder from its latest checkpoint",
     "cache_dir": "where the embedded demonstration caches its trained teacher and student",
+    "teacher_server": "a served teacher instead of --teacher: the root URL of an OpenAI-compatible "
+                      "server (vllm serve TEACHER --max-logprobs K), e.g. http://localhost:8000; the "
+                      "objective must be one of " + ", ".join(objectives.names("served")),
+    "teacher_topk": "K, the served teacher's log-probs a position (prompt_logprobs; the server's "
+                    "--max-logprobs must allow it); --k <= K",
+    "teacher_timeout_s": "seconds a teacher request waits to connect and for each read",
+    "teacher_attempts": "tries of each teacher request (connection errors, timeouts, 5xx/429, "
+                        "malformed answers) before the run stops at its last checkpoint",
+    "teacher_backoff_s": "wait before the second try of a teacher request, doubled each try",
+    "teacher_workers": "teacher requests in flight at once",
 }
+# What --resume may change besides --steps: how to reach the served teacher, not what it is.
+RESUME_MAY_CHANGE = ("steps", "teacher_server", "teacher_timeout_s", "teacher_attempts",
+                     "teacher_backoff_s", "teacher_workers")
+SERVED_OPTIONS = ("teacher_topk", *RESUME_MAY_CHANGE[2:])
 
 
 def _param_help(param: str) -> str:
@@ -199,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float, "Optional[float]": float}.get(f.type, str)
         kwargs = dict(type=kind, default=None, help=help_text)
         if f.name == "objective":
-            kwargs["choices"] = objectives.names()
+            kwargs["choices"] = objectives.names(None)
         if f.name == "dtype":
             kwargs["choices"] = ("auto", *DTYPES)
         p.add_argument(flag, **kwargs)
@@ -227,12 +248,14 @@ def from_args(argv) -> tuple:
         base = _run_config(path)
         base.resume = args["resume"]
         base.output_dir = args["resume"]  # the folder may have moved since
-        unexpected = given - {"resume", "steps"}
+        may_change = RESUME_MAY_CHANGE if base.teacher_server else ("steps",)
+        unexpected = given - {"resume", *may_change}
         if unexpected:
-            raise UsageError("--resume continues a run with its saved config; only --steps may "
-                             f"change (got {', '.join(sorted(unexpected))})")
-        if "steps" in given:
-            base.steps = args["steps"]
+            raise UsageError("--resume continues a run with its saved config; only "
+                             f"{', '.join(map(_flag, may_change))} may change (got "
+                             f"{', '.join(map(_flag, sorted(unexpected)))})")
+        for name in given & set(may_change):
+            setattr(base, name, args[name])
         return base, given
     cfg = Config(**{k: v for k, v in args.items() if v is not None})
     takes = objectives.get(cfg.objective).params
@@ -241,6 +264,9 @@ def from_args(argv) -> tuple:
             raise UsageError(f"--{param} is a parameter of objective "
                              f"{', '.join(declared_param(param)[1])}; --objective {cfg.objective} "
                              f"does not take it")
+    if cfg.teacher_server is None and given & set(SERVED_OPTIONS):
+        raise UsageError(f"{', '.join(_flag(n) for n in SERVED_OPTIONS if n in given)}: options of "
+                         f"a served teacher, which needs --teacher-server URL")
     if cfg.embedded:
         for name, value in EMBEDDED_DEFAULTS.items():
             if name not in given:
@@ -254,10 +280,12 @@ def _flag(name: str) -> str:
 
 _AT_LEAST_ONE = ("k", "rollouts_per_prompt", "max_new_tokens", "prompts_per_step", "steps",
                  "diagnostics_every", "eval_diagnostics_prompts", "cold_start_prompts",
-                 "cold_start_steps", "eval_max_prompts")
-_AT_LEAST_ZERO = ("warmup_steps", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints")
+                 "cold_start_steps", "eval_max_prompts", "teacher_topk", "teacher_attempts",
+                 "teacher_workers")
+_AT_LEAST_ZERO = ("warmup_steps", "micro_batch_tokens", "eval_every", "save_every", "keep_checkpoints",
+                  "teacher_backoff_s")
 _POSITIVE = ("temperature", "sampling_temperature", "loss_temperature", "lr", "max_grad_norm",
-             "cold_start_lr")
+             "cold_start_lr", "teacher_timeout_s")
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -306,12 +334,49 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "opd_train")
 
 
+def _check_served(cfg: Config) -> None:
+    """A served teacher replaces --teacher, and gives only what its top-K answer holds."""
+    url = urllib.parse.urlsplit(cfg.teacher_server)
+    try:
+        url.port  # noqa: B018  (raises on a malformed port)
+    except ValueError as e:
+        raise UsageError(f"--teacher-server {cfg.teacher_server}: {e}") from e
+    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+        raise UsageError(f"--teacher-server {cfg.teacher_server}: expected the server's root URL, "
+                         f"http(s)://HOST:PORT, e.g. http://localhost:8000")
+    if url.path.rstrip("/").endswith(("/v1", "/v1/completions")):
+        raise UsageError(f"--teacher-server {cfg.teacher_server}: give the server's root URL, "
+                         f"without the /v1 path (the client adds /v1/completions)")
+    served = objectives.names("served")
+    if cfg.objective not in served:
+        raise UsageError(f"--objective {cfg.objective} needs the teacher's full distribution, which a "
+                         f"served teacher does not give; with --teacher-server use one of "
+                         f"{', '.join(served)}")
+    if cfg.loss_temperature != 1.0:
+        raise UsageError(f"--loss-temperature {cfg.loss_temperature}: a served teacher's log-probs "
+                         f"are of its raw logits (vLLM applies no temperature to prompt log-probs), "
+                         f"so the loss runs at temperature 1; set the rollouts' temperature with "
+                         f"--sampling-temperature")
+    if cfg.k > cfg.teacher_topk:
+        raise UsageError(f"--k {cfg.k} > --teacher-topk {cfg.teacher_topk}: the diagnostics compare "
+                         f"the student's top-k with the teacher's first k of its K")
+    if cfg.cold_start:
+        raise UsageError("--cold-start samples responses from the teacher, which --teacher-server "
+                         "does not do (it only scores): run the cold start with --teacher")
+    if cfg.prompt_template == "teacher":
+        raise UsageError("--prompt-template teacher needs the teacher's tokenizer; with "
+                         "--teacher-server give the template as a string containing {prompt}")
+
+
 def resolve(cfg: Config) -> Config:
     """Validate every option, and fill device, dtype, temperatures and folders."""
-    if (cfg.student is None) != (cfg.teacher is None):
+    if cfg.teacher_server is not None:
+        if cfg.student is None or cfg.teacher is not None:
+            raise UsageError("--teacher-server replaces --teacher: give --student and not --teacher")
+    elif (cfg.student is None) != (cfg.teacher is None):
         raise UsageError("give both --student and --teacher (or neither, for the embedded demonstration)")
     if not cfg.embedded and not cfg.prompts:
-        raise UsageError("--prompts FILE.jsonl is required with --student/--teacher")
+        raise UsageError("--prompts FILE.jsonl is required with --student")
     if cfg.embedded and (cfg.prompts or cfg.eval_file):
         raise UsageError("--prompts/--eval-file need --student and --teacher")
     template = cfg.prompt_template
@@ -332,6 +397,11 @@ def resolve(cfg: Config) -> Config:
         objectives.get(cfg.objective).check_params(cfg.objective_params)
     except ValueError as e:
         raise UsageError(f"--objective {cfg.objective}: {e}") from e
+    if cfg.teacher_server is not None:
+        _check_served(cfg)
+    elif cfg.objective not in objectives.names("dense"):
+        raise UsageError(f"--objective {cfg.objective} is for a served teacher's top-K answer: give "
+                         f"--teacher-server URL, or one of {', '.join(objectives.names('dense'))}")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

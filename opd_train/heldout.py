@@ -14,6 +14,7 @@ import torch
 
 from opd_kernels import TopKStats
 
+from . import served
 from .batching import host_summary, micro_batches
 from .loss import PairedModels, statistics
 from .rollout import generate
@@ -39,6 +40,8 @@ class HeldOut:
             torch.manual_seed(self.seed)
             batch, _ = generate(pair.student, tokenizer, self.prompts, cfg.max_new_tokens,
                                 cfg.sampling_temperature, add_special_tokens=add_special_tokens)
+        if pair.served is not None:
+            batch = served.score(pair.served, batch)
         was_training = pair.student.training
         pair.student.eval()
         parts = [statistics(pair, part, k=cfg.k, temperature=cfg.loss_temperature).map(lambda t: t.reshape(-1))

@@ -7,6 +7,7 @@ same student-generated prefix; the teacher runs under no_grad.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -16,16 +17,20 @@ from opd_kernels.objectives import Need
 
 from .models import OutputHead, final_hidden
 from .rollout import Batch
+from .teacher_client import TeacherClient, lookup_ids
 
 
 @dataclass
 class PairedModels:
+    """The student and its teacher: in-process (``teacher``, ``teacher_head``) or served
+    (``served``; the teacher and its head are then None)."""
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teacher: Optional[torch.nn.Module]
     student_head: OutputHead
-    teacher_head: OutputHead
-    vocab_size: int            # min of the two lm_heads' rows: ids both models score
+    teacher_head: Optional[OutputHead]
+    vocab_size: int            # ids both models score: min of the lm_heads' rows (served: the student's)
     compute_dtype: torch.dtype  # dtype of the hidden states and weights handed to the kernels
+    served: Optional[TeacherClient] = None
 
 
 def _scaled(hidden: torch.Tensor, head: OutputHead, dtype: torch.dtype) -> torch.Tensor:
@@ -73,6 +78,9 @@ def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, te
     objective or the diagnostics read them: the kernels check their range with a host
     synchronization a call. ``objective_params``: the objective's declared parameters (e.g.
     jsd's ``beta``)."""
+    if pair.served is not None:
+        return _served_loss_sum(pair, batch, objective=objective, k=k, temperature=temperature,
+                                diagnostics=diagnostics, **objective_params)
     spec = objectives.get(objective)
     with_tokens = diagnostics or Need.TOKENS in spec.needs(spec.check_params(objective_params))
     student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
@@ -85,9 +93,41 @@ def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, te
     return out if diagnostics else (out, None)
 
 
+def _served_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int,
+                     temperature: float, diagnostics: bool, **objective_params):
+    """``opd_loss_sum`` against the served teacher's answer for the batch (``batch.teacher``,
+    served.score), through fused_linear_sparse_teacher_opd_loss. For "topk" (eq. 5) the student's
+    top-k ids are looked up in that answer (``MissingTeacherLogprob`` where one lies beyond the
+    teacher's top-K). Its statistics have no reverse KL (the server gives no full distribution)
+    and the teacher's entropy is a lower bound."""
+    answer, head, dtype = batch.teacher, pair.student_head, pair.compute_dtype
+    spec = objectives.get(objective)
+    needs = spec.needs(spec.check_params(objective_params))
+    with_tokens = diagnostics or Need.TOKENS in needs  # as above: a range check costs a sync
+    hidden = predicting_states(pair.student, head, batch, dtype)
+    weight, bias = head.weight.to(dtype), _bias(head, dtype)
+    logprobs_at = None
+    if Need.SUPPORT in needs:
+        with torch.no_grad():
+            ids = opd_kernels.fused_linear_student_topk_ids(hidden, weight, k=k, bias=bias, softcap=head.softcap,
+                                                            vocab_size=pair.vocab_size)
+        logprobs_at = lookup_ids(answer, ids)
+    out = opd_kernels.fused_linear_sparse_teacher_opd_loss(
+        hidden, weight, answer.ids, answer.logprobs, objective=objective,
+        teacher_token_logprob=answer.token_logprobs if with_tokens else None,
+        teacher_logprobs_at=logprobs_at, tokens=batch.input_ids[:, batch.prompt_len:] if with_tokens else None,
+        k=k, mask=batch.response_mask[:, batch.prompt_len:], temperature=temperature, reduction="sum",
+        return_stats=diagnostics, vocab_size=pair.vocab_size, student_bias=bias,
+        student_softcap=head.softcap, **objective_params)
+    return out if diagnostics else (out, None)
+
+
 @torch.no_grad()
 def statistics(pair: PairedModels, batch: Batch, *, k: int, temperature: float):
     """The TopKStats of a batch without a loss (the held-out diagnostics)."""
+    if pair.served is not None:  # any served objective: the statistics are the same
+        return _served_loss_sum(pair, batch, objective="teacher_topk", k=k, temperature=temperature,
+                                diagnostics=True)[1]
     student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
     teacher_hidden, teacher_weight = _teacher_states(pair, batch)
     return opd_kernels.fused_linear_topk_overlap(

@@ -7,9 +7,12 @@ count real tokens only, the same in generation and in the training forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers import GenerationConfig
+
+from .teacher_client import TeacherTopK
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Batch:
     prompt_len: int               # column where every response starts
     response_lengths: list        # per row, on the host: its response tokens (eos included)
     lengths: list                 # per row, on the host: its real tokens (prompt + response)
+    teacher: Optional[TeacherTopK] = None  # a served teacher's answer for the rows (served.py)
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -37,9 +41,10 @@ class Batch:
         left = self.prompt_len - max(prompt_real)
         right = self.prompt_len + max(self.response_lengths[i] for i in index)
         cut = lambda t: t.index_select(0, ids)[:, left:right]  # noqa: E731
+        teacher = None if self.teacher is None else self.teacher.rows(ids, right - self.prompt_len)
         return Batch(cut(self.input_ids), cut(self.attention_mask), cut(self.response_mask),
                      self.prompt_len - left, [self.response_lengths[i] for i in index],
-                     [self.lengths[i] for i in index])
+                     [self.lengths[i] for i in index], teacher)
 
 
 def response_mask_after(generated: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ that is absent; it never makes a value up.
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import math
@@ -70,6 +71,13 @@ class TeacherTopK:
     token_ids: torch.Tensor       # int64 [B, T] the response tokens themselves
     token_logprobs: torch.Tensor  # fp32 [B, T] the teacher's log-prob of each response token
     mask: torch.Tensor            # bool [B, T] True on real positions
+
+    def map(self, fn) -> "TeacherTopK":
+        return TeacherTopK(*(fn(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    def rows(self, index: torch.Tensor, width: int) -> "TeacherTopK":
+        """The answer for these rows, its first ``width`` positions (a micro-batch's)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device))[:, :width])
 
 
 def _reject_constant(name: str):
@@ -176,7 +184,8 @@ class TeacherClient:
         if topk < 0 or vocab_size < 1 or max_workers < 1 or attempts < 1 or timeout_s <= 0:
             raise ValueError("TeacherClient needs topk >= 0, vocab_size >= 1, max_workers >= 1, "
                              "attempts >= 1 and timeout_s > 0")
-        self.endpoint = url.rstrip("/") + "/v1/completions"
+        self.root = url.rstrip("/")
+        self.endpoint = self.root + "/v1/completions"
         self.topk, self.vocab_size, self.model = topk, vocab_size, model
         self.max_workers, self.timeout_s = max_workers, timeout_s
         self.attempts, self.backoff_s, self.temperature = attempts, backoff_s, temperature
@@ -192,16 +201,17 @@ class TeacherClient:
         with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
             return _decode(response.read())
 
-    def _score_one(self, sequence: list, response_start: int, abandon: threading.Event) -> tuple:
+    def _retried(self, url: str, call, abandon: Optional[threading.Event] = None):
+        """``call()``, tried ``attempts`` times on the failures a retry can cure."""
         last_error = None
         for attempt in range(self.attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            if abandon.is_set():  # another rollout of the batch failed: the batch is lost anyway
+            # another rollout of the batch failed: the batch is lost anyway
+            if abandon is not None and abandon.is_set():
                 raise TeacherServerError("abandoned: another rollout of the batch had no answer")
             try:
-                answer = self._post(sequence)
-                return parse_completion(answer, sequence, response_start, self.topk, self.vocab_size)
+                return call()
             except urllib.error.HTTPError as e:
                 try:
                     detail = e.read()[:500].decode(errors="replace")
@@ -209,13 +219,31 @@ class TeacherClient:
                     detail = "(no readable body)"
                 if 400 <= e.code < 500 and e.code != 429:
                     raise TeacherServerError(
-                        f"teacher server {self.endpoint} refused the request (HTTP {e.code}): {detail}") from e
+                        f"teacher server {url} refused the request (HTTP {e.code}): {detail}") from e
                 last_error = f"HTTP {e.code}: {detail}"
             except (urllib.error.URLError, http.client.HTTPException, OSError, MalformedAnswer) as e:
                 last_error = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}"
         raise TeacherServerError(
-            f"teacher server {self.endpoint} gave no whole answer after {self.attempts} attempts; "
+            f"teacher server {url} gave no whole answer after {self.attempts} attempts; "
             f"last error: {last_error}")
+
+    def _score_one(self, sequence: list, response_start: int, abandon: threading.Event) -> tuple:
+        return self._retried(self.endpoint, lambda: parse_completion(
+            self._post(sequence), sequence, response_start, self.topk, self.vocab_size), abandon)
+
+    def models(self) -> list:
+        """The ids of the models the server serves (``GET /v1/models``, retried as a score is)."""
+        url = self.root + "/v1/models"
+
+        def get():
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                data = _decode(response.read()).get("data")
+            if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                     for m in data):
+                raise MalformedAnswer("not a list of models with ids")
+            return [m["id"] for m in data]
+
+        return self._retried(url, get)
 
     def score(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int]) -> TeacherTopK:
         """The teacher's top-K at every response position of each rollout (``sequences[b]``: its
@@ -260,24 +288,31 @@ class TeacherClient:
         """The teacher's log-probs (fp32 [B, T, k]) at given ids (int64 [B, T, k], the layout of
         ``score``; padded positions are ignored and give 0.0), e.g. the student's own top-k for
         eq. 5. vLLM cannot score given ids, so this asks for the teacher's top-K and looks the ids
-        up there (and at the actual token); ``MissingTeacherLogprob`` names the first id absent."""
-        teacher = self.score(sequences, response_starts)
-        ids = ids.to(torch.int64)
-        if ids.shape[:2] != teacher.mask.shape:
-            raise ValueError(f"ids of shape {tuple(ids.shape)} for a batch of [B, T] = "
-                             f"{tuple(teacher.mask.shape)}")
-        in_topk = ids.unsqueeze(-1) == teacher.ids.unsqueeze(-2)               # [B, T, k, K]
-        is_token = ids == teacher.token_ids.unsqueeze(-1)                      # [B, T, k]
-        found = in_topk.any(-1) | is_token
-        missing = (~found) & teacher.mask.unsqueeze(-1)
-        if missing.any():
-            b, t, i = (int(x) for x in missing.nonzero()[0])
-            raise MissingTeacherLogprob(
-                f"the teacher's answer has no log-prob for id {int(ids[b, t, i])} at rollout {b}, "
-                f"response position {t}: vLLM returns only its top-K (K = {self.topk}) and the actual "
-                f"token, and cannot score given ids (vLLM RFC #56860); raise K (and the server's "
-                f"--max-logprobs) or use an objective that needs the teacher's top-K only")
-        from_topk = (in_topk * teacher.logprobs.unsqueeze(-2)).sum(-1)
-        from_token = teacher.token_logprobs.unsqueeze(-1).expand_as(from_topk)
-        values = torch.where(in_topk.any(-1), from_topk, from_token)
-        return torch.where(teacher.mask.unsqueeze(-1), values, torch.zeros_like(values))
+        up there (``lookup_ids``)."""
+        return lookup_ids(self.score(sequences, response_starts), ids)
+
+
+def lookup_ids(teacher: TeacherTopK, ids: torch.Tensor) -> torch.Tensor:
+    """The log-probs (fp32 [B, T, k]) of ``teacher``'s answer at ``ids`` (int64 [B, T, k]), found
+    among its top-K or at the actual token (which vLLM always returns); padded positions give
+    0.0. ``MissingTeacherLogprob`` names the first id absent: no value is ever made up."""
+    ids = ids.to(torch.int64)
+    if ids.shape[:2] != teacher.mask.shape:
+        raise ValueError(f"ids of shape {tuple(ids.shape)} for a batch of [B, T] = "
+                         f"{tuple(teacher.mask.shape)}")
+    topk = teacher.ids.shape[-1]
+    in_topk = ids.unsqueeze(-1) == teacher.ids.unsqueeze(-2)               # [B, T, k, K]
+    is_token = ids == teacher.token_ids.unsqueeze(-1)                      # [B, T, k]
+    found = in_topk.any(-1) | is_token
+    missing = (~found) & teacher.mask.unsqueeze(-1)
+    if missing.any():
+        b, t, i = (int(x) for x in missing.nonzero()[0])
+        raise MissingTeacherLogprob(
+            f"the teacher's answer has no log-prob for id {int(ids[b, t, i])} at rollout {b}, "
+            f"response position {t}: vLLM returns only its top-K (K = {topk}) and the actual "
+            f"token, and cannot score given ids (vLLM RFC #56860); raise K (and the server's "
+            f"--max-logprobs) or use an objective that needs the teacher's top-K only")
+    from_topk = (in_topk * teacher.logprobs.unsqueeze(-2)).sum(-1)
+    from_token = teacher.token_logprobs.unsqueeze(-1).expand_as(from_topk)
+    values = torch.where(in_topk.any(-1), from_topk, from_token)
+    return torch.where(teacher.mask.unsqueeze(-1), values, torch.zeros_like(values))

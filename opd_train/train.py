@@ -29,12 +29,15 @@ from tqdm.auto import tqdm
 from opd_kernels import TopKStats
 
 from .batching import host_summary, micro_batches
-from .checkpoint import save_checkpoint, set_rng_state
+from . import served
+from .checkpoint import latest_checkpoint, model_dir, rng_state, save_checkpoint, set_rng_state
+from .errors import RunStopped
 from .heldout import HeldOut
 from .loss import PairedModels, opd_loss_sum
 from .models import enable_checkpointing
 from .rollout import generate
 from .runlog import truncate_rows
+from .teacher_client import MissingTeacherLogprob, TeacherServerError
 
 
 @dataclass
@@ -99,6 +102,24 @@ def _loss_and_stats(cfg, pair: PairedModels, batch, diagnostics: bool) -> tuple:
     return torch.stack(sums).sum(), TopKStats.cat(parts) if parts else None
 
 
+def _stopped(cfg, error: Exception, completed: tuple, saved: int, student, save_tokenizer, optimizer,
+             wall_time: Callable[[], float]) -> RunStopped:
+    """The served teacher failed: checkpoint the last step done (unless it is), and say how to go on."""
+    step, rng = completed
+    checkpoints = os.path.join(cfg.output_dir, "checkpoints")
+    if step > saved:
+        save_checkpoint(checkpoints, step, student, save_tokenizer, optimizer, keep=cfg.keep_checkpoints,
+                        wall_time_s=wall_time(), rng=rng)
+    kept = latest_checkpoint(checkpoints)
+    advice = (f"--teacher-topk cannot change on --resume: start a new run from "
+              f"{model_dir(kept) if kept else cfg.student} with a larger K, or another objective"
+              if isinstance(error, MissingTeacherLogprob) else
+              f"continue with: python -m opd_train --resume {cfg.output_dir} (add --teacher-server URL "
+              f"if the server moved)")
+    return RunStopped(f"step {step + 1}, the served teacher: {error}\nthe run is kept up to step {step}"
+                      f"{f' ({kept})' if kept else ''}; {advice}")
+
+
 def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_tokens: bool, *,
           resumed: Optional[dict], save_tokenizer, heldout: Optional[HeldOut],
           wall_time: Callable[[], float]) -> int:
@@ -120,48 +141,59 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
     if heldout is not None:
         truncate_rows(heldout.path, start)
         heldout.logged = {s for s in heldout.logged if s <= start}
-        if heldout.due(start):
-            heldout.measure(start, pair, tokenizer, cfg, add_special_tokens)
+    # The last step done with the RNG states at its end, and the last step checkpointed: what a
+    # failure of the served teacher saves, so that --resume goes on as if nothing had happened.
+    completed, saved = (start, None), start
     shown = {}
     with StopOnSigint() as stop, open(metrics_path, "a") as log:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd", dynamic_ncols=True)
-        for step in bar:
-            began = time.time()
-            done = step + 1
-            lr = cfg.lr * min(1.0, done / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for group in optimizer.param_groups:  # a function of the step: nothing to resume
-                group["lr"] = lr
-            idx = step_prompts(len(data.prompts), cfg.prompts_per_step, step, cfg.seed)
-            idx = [i for i in idx for _ in range(cfg.rollouts_per_prompt)]
-            batch, texts = generate(student, tokenizer, [data.prompts[i] for i in idx],
-                                    cfg.max_new_tokens, cfg.sampling_temperature,
-                                    add_special_tokens=add_special_tokens)
-            rewards = [float(data.checker(t, data.answers[i])) for t, i in zip(texts, idx)
-                       if data.checker is not None and data.answers[i] is not None]
-            tokens = batch.response_tokens
-            student.train()
-            loss_sum, stats = _loss_and_stats(cfg, pair, batch, diagnoses(cfg, done))
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            (loss_sum, grad_norm), diagnostics = host_summary([loss_sum, grad_norm], stats)  # the sync
-            elapsed = time.time() - began
-            row = {"step": done, "loss": loss_sum / tokens, **diagnostics,
-                   "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
-                   "grad_norm": grad_norm, "response_length": tokens / len(idx),
-                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            shown.update({name: f"{row[key]:.3f}" for name, key in
-                          (("kl", "reverse_kl"), ("overlap", "overlap"), ("reward", "token_reward"))
-                          if key in row})
-            bar.set_postfix(**shown, acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
-                            len=f"{row['response_length']:.0f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if stop.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
-                save_checkpoint(checkpoints, done, student, save_tokenizer, optimizer,
-                                keep=cfg.keep_checkpoints, wall_time_s=wall_time())
-            if stop.requested:
-                return done
-            if heldout is not None and heldout.due(done):
-                heldout.measure(done, pair, tokenizer, cfg, add_special_tokens)
+        try:
+            if heldout is not None and heldout.due(start):
+                heldout.measure(start, pair, tokenizer, cfg, add_special_tokens)
+            bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd",
+                       dynamic_ncols=True)
+            for step in bar:
+                began = time.time()
+                done = step + 1
+                lr = cfg.lr * min(1.0, done / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+                for group in optimizer.param_groups:  # a function of the step: nothing to resume
+                    group["lr"] = lr
+                idx = step_prompts(len(data.prompts), cfg.prompts_per_step, step, cfg.seed)
+                idx = [i for i in idx for _ in range(cfg.rollouts_per_prompt)]
+                batch, texts = generate(student, tokenizer, [data.prompts[i] for i in idx],
+                                        cfg.max_new_tokens, cfg.sampling_temperature,
+                                        add_special_tokens=add_special_tokens)
+                rewards = [float(data.checker(t, data.answers[i])) for t, i in zip(texts, idx)
+                           if data.checker is not None and data.answers[i] is not None]
+                if pair.served is not None:  # the whole step's rollouts at once, before any forward
+                    batch = served.score(pair.served, batch)
+                tokens = batch.response_tokens
+                student.train()
+                loss_sum, stats = _loss_and_stats(cfg, pair, batch, diagnoses(cfg, done))
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                (loss_sum, grad_norm), diagnostics = host_summary([loss_sum, grad_norm], stats)  # the sync
+                elapsed = time.time() - began
+                row = {"step": done, "loss": loss_sum / tokens, **diagnostics,
+                       "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
+                       "grad_norm": grad_norm, "response_length": tokens / len(idx),
+                       "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                shown.update({name: f"{row[key]:.3f}" for name, key in
+                              (("kl", "reverse_kl"), ("overlap", "overlap"), ("reward", "token_reward"))
+                              if key in row})
+                bar.set_postfix(**shown, acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
+                                len=f"{row['response_length']:.0f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if stop.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+                    save_checkpoint(checkpoints, done, student, save_tokenizer, optimizer,
+                                    keep=cfg.keep_checkpoints, wall_time_s=wall_time())
+                    saved = done
+                if stop.requested:
+                    return done
+                completed = (done, rng_state())
+                if heldout is not None and heldout.due(done):
+                    heldout.measure(done, pair, tokenizer, cfg, add_special_tokens)
+        except (TeacherServerError, MissingTeacherLogprob) as e:
+            raise _stopped(cfg, e, completed, saved, student, save_tokenizer, optimizer, wall_time) from e
     return cfg.steps
