@@ -3,7 +3,6 @@ nor its checkpoints deleted, leftovers of a kill cleaned, exit 130 after a Ctrl-
 respected, the wall time summed over sessions, the student's own tokenizer in checkpoints."""
 import json
 import os
-import signal
 import stat
 
 import pytest
@@ -140,26 +139,18 @@ def test_files_respect_the_umask(tmp_path):
     assert mode(tmp_path / "x.json") == 0o644 and mode(tmp_path / "latest") == 0o644
 
 
-def test_interrupt_resume_leftovers_wall_time_and_tokenizer(setup, tmp_path, monkeypatch, capsys):
+def test_interrupt_resume_leftovers_wall_time_and_tokenizer(setup, tmp_path, capsys,
+                                                            interrupt_at_generation):
     """Ctrl-C in step 2: exit 130 after the checkpoint; a kill's .tmp-* folder is removed on
     --resume; the final wall time covers both sessions; the checkpoint's tokenizer is the
     student's own (right padding, no pad token)."""
-    calls = []
-    real_generate = train.generate
-
-    def interrupting_generate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "generate", interrupting_generate)
+    disarm = interrupt_at_generation(2)
     out = tmp_path / "run"
     assert main(_args(setup, out, "--steps", "3", "--objective", "sampled", "--eval-every", "0")) == 130
     first = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(str(out / "checkpoints")))
     assert first["step"] == 2 and first["wall_time_s"] > 0
     (out / "checkpoints" / ".tmp-killed").mkdir()
-    monkeypatch.setattr(train, "generate", real_generate)
+    disarm()
     assert main(["--resume", str(out)]) == 0
     assert not (out / "checkpoints" / ".tmp-killed").exists()
     results = json.loads((out / "eval.json").read_text())

@@ -2,7 +2,6 @@
 uninterrupted run, checkpoint reload, and the command line's errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_kernels import objectives
 from opd_kernels.objectives import Need
-from opd_train import cli, config, task, train
+from opd_train import cli, config, train
 from opd_train.checkpoint import latest_checkpoint, model_dir, save_model_dir
 from opd_train.cli import main
 from opd_train.errors import UsageError
@@ -26,21 +25,6 @@ METRIC_KEYS = {"step", "loss", "reverse_kl", "overlap", "student_mass", "teacher
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny student and teacher (random weights) and prompt/eval files of task problems."""
-    root = tmp_path_factory.mktemp("models")
-    tok = build_char_tokenizer(task.ALPHABET)
-    torch.manual_seed(0)
-    for name, hidden in (("student", 16), ("teacher", 24)):
-        save_model_dir(str(root / name), tiny_llama(tok, hidden, 1, 2, 64), tok)
-    for name, seed in (("prompts.jsonl", 1), ("eval.jsonl", 2)):
-        with open(root / name, "w") as f:
-            for p in task.problems(8, 2, seed):
-                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
-    return root
 
 
 def _args(root, out, *extra):
@@ -104,26 +88,17 @@ def _weights(out):
     return load_file(os.path.join(model_dir(latest_checkpoint(str(out / "checkpoints"))), "model.safetensors"))
 
 
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(setup, tmp_path, interrupt_at_generation):
     """Ctrl-C during step 2 (of 4): the run finishes that step, checkpoints and stops; --resume
     then ends with weights bitwise equal to a run that was never interrupted."""
     common = ("--steps", "4", "--save-every", "3", "--objective", "sampled")
     assert main(_args(setup, tmp_path / "straight", *common)) == 0
 
-    calls = []
-    real_generate = train.generate
-
-    def interrupting_generate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "generate", interrupting_generate)
+    disarm = interrupt_at_generation(2)
     out = tmp_path / "interrupted"
     assert main(_args(setup, out, *common)) == cli.INTERRUPTED  # non-zero, after its checkpoint
     assert latest_checkpoint(str(out / "checkpoints")).endswith("step-000002")
-    monkeypatch.setattr(train, "generate", real_generate)
+    disarm()
     assert main(["--resume", str(out)]) == 0
 
     straight, resumed = _weights(tmp_path / "straight"), _weights(out)

@@ -14,10 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from opd_train import config, served, task
-from opd_train.checkpoint import latest_checkpoint, model_dir, save_model_dir
+from opd_train.checkpoint import latest_checkpoint, model_dir
 from opd_train.cli import main
 from opd_train.errors import UsageError
-from opd_train.models import tiny_llama
 from opd_train.teacher_client import TeacherTopK
 from opd_train.teacher_server import Fault, TeacherServer
 from opd_train.tokenizer import build_char_tokenizer
@@ -29,20 +28,6 @@ VOCAB = len(build_char_tokenizer(task.ALPHABET))
 # diagnostics of step 0 (2 prompts), then 4 rollouts a step (2 prompts x 2 rollouts).
 PROBE, HELDOUT, PER_STEP = 1, 2, 4
 STEP_3 = PROBE + HELDOUT + 2 * PER_STEP + 1  # the first request of step 3
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = build_char_tokenizer(task.ALPHABET)
-    torch.manual_seed(0)
-    for name, hidden in (("student", 16), ("teacher", 24)):
-        save_model_dir(str(root / name), tiny_llama(tok, hidden, 1, 2, 64), tok)
-    for name, seed in (("prompts.jsonl", 1), ("eval.jsonl", 2)):
-        with open(root / name, "w") as f:
-            for p in task.problems(8, 2, seed):
-                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
