@@ -65,6 +65,14 @@ def tile_step(x, m):
 
 
 @triton.jit
+def fold_max(m):
+    """States held along axis 0 (a block's lanes, or a row's splits) toward their common max:
+    (the max, each state's alpha = e^{m - max}, each state's shift m - max)."""
+    m_max = tl.max(m, axis=0)
+    return m_max, tl.exp(m - reference_max(m_max)), max_shift(m, m_max)
+
+
+@triton.jit
 def merge(m_a, s_a, m_b, s_b):
     """Two states (m, s) toward their common max: (m, s, alpha_a, alpha_b), where alpha_x
     rescales state x's other accumulators."""

@@ -54,8 +54,7 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
-from opd_kernels.kernels.online_softmax import (lane_step, max_shift, moved, reference_max,
-                                                softcapped)
+from opd_kernels.kernels.online_softmax import fold_max, lane_step, moved, softcapped
 from opd_kernels.kernels.topk_select import (MIN_KEY, insert_topk, no_keys, pack_keys, unpack_ids,
                                              unpack_values)
 
@@ -76,15 +75,11 @@ NUM_STATE = tl.constexpr(8)
 def _reduce_state(m_s, s_s, c_s, m_t, s_t, c_t, a, b, WITH_TOPK: tl.constexpr,
                   WITH_STATS: tl.constexpr, HAS_TEACHER: tl.constexpr):
     """Partial states held along axis 0 (lanes of a block, or splits of a row) -> one state."""
-    max_s = tl.max(m_s, axis=0)
-    alpha_s = tl.exp(m_s - reference_max(max_s))
-    shift_s = max_shift(m_s, max_s)
+    max_s, alpha_s, shift_s = fold_max(m_s)
     if WITH_TOPK:
         c_s = tl.sum(moved(c_s, alpha_s, s_s, shift_s), axis=0)
     if HAS_TEACHER:
-        max_t = tl.max(m_t, axis=0)
-        alpha_t = tl.exp(m_t - reference_max(max_t))
-        shift_t = max_shift(m_t, max_t)
+        max_t, alpha_t, shift_t = fold_max(m_t)
         a = tl.sum(moved(a, alpha_s, s_s, shift_s - shift_t), axis=0)
         b = tl.sum(moved(b, alpha_t, s_t, shift_t - shift_s), axis=0)
         if WITH_STATS:
