@@ -9,7 +9,8 @@ the rows bounds the memory without also splitting the vocabulary.
 Dense objectives run their own ``reference`` (autograd gives the gradient): this backend is the
 oracle's runner. An objective that needs the teacher only at the student's top-k (``topk``) runs
 k-sparse instead: S from a no-grad pass, both models evaluated at S alone, and the objective's
-``from_passes`` gradient attached there, so neither model's full logits are kept for the backward.
+``from_passes`` gradient attached there, so neither model's full logits are kept for the backward
+(``return_stats`` adds one pass over both without autograd, nothing recomputed).
 
 Mixed precision (bf16/fp16 hidden states, fp32 weight) is computed as autocast does: the weight
 rounded to the activations' dtype for the product, fp32 accumulation, the weight's gradient in
@@ -199,8 +200,11 @@ class TorchBackend(Backend):
         return _stats_from_columns(columns, tokens is not None)
 
     def loss(self, call):
-        if not reads_full_teacher(call.needs) and not call.return_stats:
-            return LossResult(self._sparse_loss(call))
+        if not reads_full_teacher(call.objective.needs(call.params)):
+            # the loss reads the teacher at the student's top-k only: k-sparse, with the
+            # statistics (which read both in full) from a pass without autograd, if asked
+            stats = self.statistics(call) if call.return_stats else None
+            return LossResult(self._sparse_loss(call), stats=stats)
         pair, objective, tau = _Pair(call), call.objective, call.temperature
         tokens = _valid_tokens(call.tokens, call.mask)
         with_tokens = tokens is not None
