@@ -27,13 +27,14 @@ SCRIPT = textwrap.dedent(f"""
 
 
 def test_peak_memory_far_below_one_logits_tensor():
-    # A fixed mmap threshold makes glibc return large freed blocks at once, so the peak resident
-    # size follows the live tensors instead of the allocator's caching.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    # Under the allocator a user's process has: glibc with its defaults (no tuning variable).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
                          env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     full_logits_mib = N * V * 4 / 2**20
     assert result["finite"]
-    # Inputs and gradients are ~25 MiB; the chunked path's temporaries a few 4 MiB chunks.
-    assert result["extra_mib"] < full_logits_mib / 8, result
+    # Inputs and gradients are ~25 MiB, the chunks' temporaries a few 4 MiB blocks, and what
+    # glibc holds between its trims (backends/torch.py: _returning_freed_memory); ~115 MiB
+    # measured, against 1.7 GiB before the trims.
+    assert result["extra_mib"] < full_logits_mib / 4, result

@@ -18,6 +18,7 @@ fp32 (the rounding is passed straight through, so the gradient is not rounded wi
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Callable, Optional
 
 import torch
@@ -46,13 +47,65 @@ def _over_chunks(fn: Callable, row_width: int, rows: list, shared: list = ()) ->
     columns = [[None] * n_chunks if t is None else t.split(step) for t in rows]
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in [*rows, *shared])
+    run = _returning_freed_memory(fn)
     parts = []
     for chunk in zip(*columns):
+        args = [*chunk, *shared]
         if differentiable:
-            parts.append(checkpoint(fn, *chunk, *shared, use_reentrant=False))
+            # the chunk's backward ends where the gradient of its first input arrives
+            first = next(i for i, t in enumerate(args) if t is not None and t.requires_grad)
+            args[first] = _TrimInBackward.apply(args[first])
+            parts.append(checkpoint(run, *args, use_reentrant=False))
         else:
-            parts.append(fn(*chunk, *shared))
+            parts.append(run(*args))
     return [torch.cat(column) for column in zip(*parts)]
+
+
+def _glibc_trim() -> Optional[Callable]:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to work around
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim()
+
+
+def _trim() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class _TrimInBackward(torch.autograd.Function):
+    """The identity, with malloc_trim once the gradient has flowed through (see below)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _trim()
+        return grad
+
+
+def _returning_freed_memory(fn: Callable) -> Callable:
+    """``fn`` followed by glibc's malloc_trim. A chunk's temporaries are a few MiB each: after
+    the first is freed glibc raises its mmap threshold above that size, so the next ones come
+    from the heap, and the small results kept between chunks pin it: the freed blocks stay
+    resident, and the process grows by about a chunk's temporaries a chunk (1.7 GiB for a 512 MiB
+    [N, V] problem). Trimming after each chunk (in the forward, in the checkpoint's
+    recomputation, and after the chunk's backward: _TrimInBackward) hands them back, so the
+    resident size follows the live tensors (115 MiB on that problem). Its price is the page
+    faults of memory taken back (a fused fwd+bwd there: 5.7 s -> 9.7 s for the whole process),
+    as with an mmap threshold forced low."""
+
+    def run(*args):
+        out = fn(*args)
+        _trim()
+        return out
+
+    return run
 
 
 class _Source:
