@@ -88,35 +88,16 @@ def statistics(teacher: ServedTeacher, k: int, support: torch.Tensor, log_p_supp
     served answer (k <= K): the overlap and both masses on S ∩ T exactly (q on S ∩ T ⊆ T is
     served), the teacher's entropy as a lower bound (the top-K terms plus the tail as one bin;
     spreading the tail can only raise it), so ``teacher_entropy_is_bound`` is set."""
-    top_t = ordered_topk(teacher, k)
-    same = support[:, :, None] == top_t[:, None, :]                     # [i in S, j in T]
-    shared = same.any(-1)
-    n_shared = shared.sum(-1)
     q_by_id = teacher.logprobs.float()
     # log q at each id of S, looked up in the served list (-inf where absent: never used, as
     # S ∩ T lies inside the list)
     in_list = support[:, :, None] == teacher.ids[:, None, :]            # [i in S, j in the K list]
     log_q = torch.where(in_list, q_by_id[:, None, :], -torch.inf).amax(-1)
-    zero = torch.zeros_like(log_p_support)
-    p_shared = torch.where(shared, log_p_support.exp(), zero)
-    q_shared = torch.where(shared, log_q.exp(), zero)
-    student_mass, teacher_mass = p_shared.sum(-1), q_shared.sum(-1)
-    log_p_bar = log_p_support - student_mass.log()[:, None]
-    log_q_bar = log_q - teacher_mass.log()[:, None]
-    terms = torch.where(shared & (p_shared > 0), log_p_bar.exp() * (log_q_bar - log_p_bar), zero)
-    nan = torch.full_like(student_mass, float("nan"))
-    advantage = torch.where(n_shared > 0, terms.sum(-1) / n_shared.clamp(min=1), nan)
     q_top = q_by_id.exp()
     log_q_tail, _ = log_tail(q_by_id)
     h_q = -(torch.where(q_top > 0, q_top * q_by_id, torch.zeros_like(q_top)).sum(-1)
             + log_q_tail.exp() * log_q_tail)
-    fields = dict(overlap=n_shared.float() / k, student_mass=student_mass,
-                  teacher_mass=teacher_mass, overlap_advantage=advantage,
-                  student_entropy=student_entropy, teacher_entropy=h_q,
-                  entropy_gap=(h_q - student_entropy).abs(), student_logprob=student_logprob,
-                  teacher_logprob=teacher.token_logprob)
-    fields = {name: v.float() for name, v in fields.items() if v is not None}
-    if mask is not None:
-        fields = {name: torch.where(mask, v, torch.full_like(v, float("nan")))
-                  for name, v in fields.items()}
-    return TopKStats(**fields, teacher_entropy_is_bound=True)
+    return TopKStats.from_support(k, support, ordered_topk(teacher, k), log_p_support, log_q,
+                                  student_entropy, h_q, mask, student_logprob=student_logprob,
+                                  teacher_logprob=teacher.token_logprob,
+                                  teacher_entropy_is_bound=True)

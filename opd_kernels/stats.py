@@ -61,6 +61,36 @@ class TopKStats:
         return dataclasses.replace(self, mask=mask, **{k: fn(v) for k, v in self.tensors().items()})
 
     @classmethod
+    def from_support(cls, k: int, support: torch.Tensor, teacher_topk: torch.Tensor,
+                     log_p: torch.Tensor, log_q: torch.Tensor, student_entropy: torch.Tensor,
+                     teacher_entropy: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                     **optional) -> "TopKStats":
+        """The statistics from S = ``support`` and T = ``teacher_topk`` ([N, k] ids), log p and
+        log q at the ids of S, and both entropies: every sum over S ∩ T runs over S, so nothing
+        else of either vocabulary is needed. ``optional``: fields of OPTIONAL_FIELDS (None
+        left out) and ``teacher_entropy_is_bound``; rows with ``mask`` False hold NaN."""
+        shared = (support[:, :, None] == teacher_topk[:, None, :]).any(-1)
+        n_shared = shared.sum(-1)
+        zero = torch.zeros_like(log_p)
+        p = torch.where(shared, log_p.exp(), zero)
+        student_mass = p.sum(-1)
+        teacher_mass = torch.where(shared, log_q.exp(), zero).sum(-1)
+        log_p_bar = log_p - student_mass.log()[:, None]
+        log_q_bar = log_q - teacher_mass.log()[:, None]
+        terms = torch.where(shared & (p > 0), log_p_bar.exp() * (log_q_bar - log_p_bar), zero)
+        nan = torch.full_like(student_mass, float("nan"))
+        advantage = torch.where(n_shared > 0, terms.sum(-1) / n_shared.clamp(min=1), nan)
+        bound = optional.pop("teacher_entropy_is_bound", False)
+        fields = dict(overlap=n_shared.float() / k, student_mass=student_mass,
+                      teacher_mass=teacher_mass, overlap_advantage=advantage,
+                      student_entropy=student_entropy, teacher_entropy=teacher_entropy,
+                      entropy_gap=(teacher_entropy - student_entropy).abs(), **optional)
+        fields = {name: v.float() for name, v in fields.items() if v is not None}
+        if mask is not None:
+            fields = {name: torch.where(mask, v, nan) for name, v in fields.items()}
+        return cls(**fields, teacher_entropy_is_bound=bound)
+
+    @classmethod
     def cat(cls, parts: list) -> "TopKStats":
         """The statistics of consecutive chunks of positions as one (along the first axis)."""
         fields = {name: torch.cat([p.tensors()[name] for p in parts]) for name in parts[0].tensors()}

@@ -37,7 +37,8 @@ class Model:
 class LossCall:
     """Everything one loss (or statistics) call needs. ``objective`` None: statistics only.
     ``needs``: the quantities the objective needs plus those ``return_stats`` adds. ``mask``
-    already holds the ignore_index positions; ``tokens`` are valid ids at every counted row."""
+    already holds the ignore_index positions; ``tokens`` are valid ids at every row (0 where
+    uncounted), so backends gather them without a mask."""
 
     student: Model
     teacher: Model

@@ -216,12 +216,6 @@ class _Pair:
                             [*self.student.shared, *self.teacher.shared])
 
 
-def _valid_tokens(tokens, mask):
-    if tokens is not None and mask is not None:
-        return torch.where(mask, tokens, torch.zeros_like(tokens))
-    return tokens
-
-
 class TorchBackend(Backend):
     name = "torch"
     capabilities = Capabilities(
@@ -241,7 +235,7 @@ class TorchBackend(Backend):
 
     def statistics(self, call):
         pair, k, tau = _Pair(call), call.k, call.temperature
-        tokens = _valid_tokens(call.tokens, call.mask)
+        tokens = call.tokens
 
         def fn(s, t, y, m, shared_s, shared_t):
             z_s, z_t = _blank_uncounted(m, pair.student.logits(s, *shared_s),
@@ -259,7 +253,7 @@ class TorchBackend(Backend):
             stats = self.statistics(call) if call.return_stats else None
             return LossResult(self._sparse_loss(call), stats=stats)
         pair, objective, tau = _Pair(call), call.objective, call.temperature
-        tokens = _valid_tokens(call.tokens, call.mask)
+        tokens = call.tokens
         with_tokens = tokens is not None
 
         def fn(s, t, y, m, shared_s, shared_t):

@@ -190,13 +190,6 @@ def _gather(side: Side, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     return out
 
 
-def _valid_tokens(call: LossCall) -> Optional[torch.Tensor]:
-    """The tokens with 0 at uncounted rows (which may hold an ignore index): every id gathered."""
-    if call.tokens is None or call.mask is None:
-        return call.tokens
-    return torch.where(call.mask, call.tokens, torch.zeros_like(call.tokens))
-
-
 @dataclass
 class _Passes:
     results: PassResults
@@ -226,7 +219,7 @@ def _passes(call: LossCall, s: Side, t: Side, needs: frozenset, with_stats: bool
     if k:
         r.support, r.student_at_support = out.student.topk_ids, out.student.topk_logits
         r.teacher_at_support = _gather(t, r.support, tau)
-    tokens = _valid_tokens(call)
+    tokens = call.tokens
     if tokens is not None and (Need.TOKENS in needs or with_stats):
         r.tokens = tokens
         ids = tokens[:, None]
@@ -238,31 +231,14 @@ def _passes(call: LossCall, s: Side, t: Side, needs: frozenset, with_stats: bool
 
 
 def _overlap_stats(p: _Passes, k: int, mask: Optional[torch.Tensor]) -> TopKStats:
-    """The TopKStats fields from both single passes' top-k, lse and entropy, and x_t at S: every
-    sum over S ∩ T runs over the student's k ids, so nothing else of either vocabulary is
-    needed. The reverse KL from the pair pass, the log-probs where tokens were given."""
+    """The statistics from both single passes' top-k, lse and entropy and x_t at S; the reverse
+    KL from the pair pass, the log-probs where tokens were given."""
     student, teacher, r = p.student, p.teacher, p.results
-    shared = (student.topk_ids[:, :, None] == teacher.topk_ids[:, None, :]).any(-1)
-    n_shared = shared.sum(-1)
-    zero = torch.zeros_like(r.teacher_at_support)
-    log_p = student.topk_logits - student.lse[:, None]
-    log_q = r.teacher_at_support - teacher.lse[:, None]
-    student_mass = torch.where(shared, log_p.exp(), zero).sum(-1)
-    teacher_mass = torch.where(shared, log_q.exp(), zero).sum(-1)
-    log_p_bar = log_p - student_mass.log()[:, None]
-    log_q_bar = log_q - teacher_mass.log()[:, None]
-    terms = torch.where(shared, log_p_bar.exp() * (log_q_bar - log_p_bar), zero).sum(-1)
-    nan = torch.full_like(terms, float("nan"))
-    advantage = torch.where(n_shared > 0, terms / n_shared.clamp(min=1), nan)
-    h_p, h_q = student.entropy, teacher.entropy
-    fields = dict(overlap=n_shared.float() / k, student_mass=student_mass,
-                  teacher_mass=teacher_mass, overlap_advantage=advantage, student_entropy=h_p,
-                  teacher_entropy=h_q, entropy_gap=(h_q - h_p).abs(), reverse_kl=r.reverse_kl,
-                  student_logprob=r.student_logprob, teacher_logprob=r.teacher_logprob)
-    fields = {name: v for name, v in fields.items() if v is not None}
-    if mask is not None:
-        fields = {name: torch.where(mask, v, nan) for name, v in fields.items()}
-    return TopKStats(**fields)
+    return TopKStats.from_support(
+        k, student.topk_ids, teacher.topk_ids, student.topk_logits - student.lse[:, None],
+        r.teacher_at_support - teacher.lse[:, None], student.entropy, teacher.entropy, mask,
+        reverse_kl=r.reverse_kl, student_logprob=r.student_logprob,
+        teacher_logprob=r.teacher_logprob)
 
 
 def _sparse_du(s: Side, form: GradForm, temperature: float) -> Optional[torch.Tensor]:
@@ -321,7 +297,7 @@ class TritonFusedBackend(Backend):
         if (call.grad_in_forward and call.reduction in ("mean", "sum") and s.hidden.shape[0] > 0
                 and fused_grad.wants_grad(call.student) and reads_full_teacher(objective_needs)):
             # the teacher's full product is paid anyway: the gradient rides the forward's scratch
-            value, stats = fused_grad.reduced_loss(call, s, t, call.needs, _valid_tokens(call),
+            value, stats = fused_grad.reduced_loss(call, s, t, call.needs, call.tokens,
                                                    call.return_stats, SCRATCH_BYTES)
             return LossResult(value, reduced=True, stats=stats)
         p = _passes(call, s, t, objective_needs, call.return_stats)
@@ -346,7 +322,7 @@ class TritonFusedBackend(Backend):
             st = _row_stats(s, call.vocab_size, tau, entropy=call.return_stats,
                             k=call.k if support else 0)
             r = PassResults(lse_s=st.lse, support=st.topk_ids, student_at_support=st.topk_logits)
-            tokens = _valid_tokens(call)
+            tokens = call.tokens
             if tokens is not None:
                 r.tokens = tokens
                 r.student_logprob = _gather(s, tokens[:, None], tau)[:, 0] - st.lse
