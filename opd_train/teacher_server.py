@@ -200,11 +200,14 @@ def _handler_for(server: TeacherServer):
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.0 (the base class's): one request per connection, closed after the answer, so
         # a truncated body is seen by the client as an incomplete read
+        _counted = False  # a completion request in server._in_flight, until answered
+
         def log_message(self, format, *args):
             if server.verbose:
                 super().log_message(format, *args)
 
         def _send(self, status: int, body: bytes, truncate: bool = False) -> None:
+            self._leave()  # answered from here on: the client may send its next request at once
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -233,11 +236,18 @@ def _handler_for(server: TeacherServer):
                 number = server.requests
                 server._in_flight += 1
                 server.peak_in_flight = max(server.peak_in_flight, server._in_flight)
+            self._counted = True
             try:
                 self._answer(server.faults(number) if server.faults else None)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (its timeout): nobody to answer
             finally:
+                self._leave()
+
+        def _leave(self) -> None:
+            """A counted completion request stops counting as in flight (once)."""
+            if self._counted:
+                self._counted = False
                 with server._count_lock:
                     server._in_flight -= 1
 
