@@ -3,6 +3,7 @@
     from opd_kernels import opd_loss, fused_linear_opd_loss, topk_overlap, OPDLoss
 """
 from . import objectives
+from .distributed import VocabParallel
 from .api import (fused_linear_logsumexp, fused_linear_opd_loss, fused_linear_reverse_kl,
                   fused_linear_sparse_teacher_opd_loss, fused_linear_student_topk_ids,
                   fused_linear_token_logprobs, fused_linear_topk_overlap, logsumexp, opd_loss,
@@ -18,5 +19,5 @@ __all__ = [
     "fused_linear_logsumexp", "fused_linear_token_logprobs", "fused_linear_reverse_kl",
     "fused_linear_topk_overlap", "fused_linear_opd_loss", "sparse_teacher_opd_loss",
     "fused_linear_sparse_teacher_opd_loss", "student_topk_ids", "fused_linear_student_topk_ids",
-    "OPDLoss", "TopKStats", "objectives",
+    "OPDLoss", "TopKStats", "VocabParallel", "objectives",
 ]

@@ -16,7 +16,8 @@ class OPDLoss(nn.Module):
     ``loss(student_hidden, teacher_hidden, student_weight=W_s, teacher_weight=W_t, ...)`` on hidden
     states and lm_head weights (the fused-linear form; ``student_bias``/``teacher_bias`` too).
     Returns the loss, or ``(loss, TopKStats)`` with ``return_stats=True``. The objective's
-    parameters (e.g. ``beta`` of "jsd") are keyword arguments, checked here.
+    parameters (e.g. ``beta`` of "jsd") are keyword arguments, checked here. ``vocab_parallel``
+    (an opd_kernels.VocabParallel): the inputs are this rank's shard of the vocabulary.
     """
 
     def __init__(self, objective="topk", k: int = 16, temperature: float = 1.0,
@@ -24,7 +25,7 @@ class OPDLoss(nn.Module):
                  ignore_index: Optional[int] = -100, student_softcap: Optional[float] = None,
                  teacher_softcap: Optional[float] = None, vocab_size: Optional[int] = None,
                  weight_grad_dtype: torch.dtype = torch.float32, grad_in_forward: bool = True,
-                 backend: str = "auto", **objective_params):
+                 backend: str = "auto", vocab_parallel=None, **objective_params):
         super().__init__()
         self.objective = objectives.get(objective)
         self.objective_params = self.objective.check_params(objective_params)
@@ -32,7 +33,7 @@ class OPDLoss(nn.Module):
         self.return_stats, self.ignore_index, self.backend = return_stats, ignore_index, backend
         self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
         self.vocab_size, self.weight_grad_dtype = vocab_size, weight_grad_dtype
-        self.grad_in_forward = grad_in_forward
+        self.grad_in_forward, self.vocab_parallel = grad_in_forward, vocab_parallel
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, *,
                 tokens: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
@@ -44,7 +45,8 @@ class OPDLoss(nn.Module):
                       temperature=self.temperature, reduction=self.reduction,
                       return_stats=self.return_stats, ignore_index=self.ignore_index,
                       student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
-                      backend=self.backend, **self.objective_params)
+                      backend=self.backend, vocab_parallel=self.vocab_parallel,
+                      **self.objective_params)
         if student_weight is None and teacher_weight is None:
             if self.vocab_size is not None or student_bias is not None or teacher_bias is not None:
                 raise ValueError("vocab_size and the biases apply to the fused-linear form (pass "

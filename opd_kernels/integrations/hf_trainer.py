@@ -2,7 +2,9 @@
 
 - ``divergence_loss``: the loss over the final hidden states and lm_heads of two causal LMs, with
   the arguments of TRL's ``_chunked_divergence_loss`` (mask, ``num_items_in_batch``, biases,
-  logit scales, soft-capping, temperature), computed by ``fused_linear_opd_loss``.
+  logit scales, soft-capping, temperature), computed by ``fused_linear_opd_loss`` (which takes
+  FSDP2's DTensor lm_heads as they are: gathered, their gradient averaged over the ranks as
+  FSDP2 averages its own).
 - ``check_pair``: the construction-time checks (objective, vocabularies, tokenizers, lm_heads).
 - ``OPDTrainer``: a ``Trainer`` whose loss distills a frozen teacher into the model being trained,
   on the positions whose ``labels`` are not -100.
@@ -39,15 +41,6 @@ def logit_transform(config) -> tuple[float, Optional[float]]:
     return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
 
 
-def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # An FSDP2 lm_head is a DTensor: gather it once (its backward reduce-scatters the gradient), as
-    # TRL's _chunked_divergence_loss does. No cast: the kernels take bf16 activations with an fp32
-    # master weight as they are.
-    if isinstance(t, torch.distributed.tensor.DTensor):
-        return t.full_tensor()
-    return t
-
-
 def divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_head_weight,
                     teacher_lm_head_weight, completion_mask, *, objective="jsd",
                     num_items_in_batch=None, student_lm_head_bias=None, teacher_lm_head_bias=None,
@@ -61,10 +54,6 @@ def divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_hea
     accumulation), else the mean over the local counted positions. Returns
     ``(loss, n_valid, stats)``, ``stats`` a ``TopKStats`` or None.
     """
-    student_lm_head_weight, student_lm_head_bias = map(_full, (student_lm_head_weight,
-                                                               student_lm_head_bias))
-    teacher_lm_head_weight, teacher_lm_head_bias = map(_full, (teacher_lm_head_weight,
-                                                               teacher_lm_head_bias))
     # logits = scale * (h W^T + b), then soft-capping, then the temperature (TRL's order): the
     # scale goes on the [B, T, H] hidden states and the bias, never on a [V, H] weight copy.
     if student_logit_scale != 1.0:
