@@ -2,5 +2,6 @@
 
 ``python -m opd_train`` runs the embedded demonstration (a generated arithmetic task, a tokenizer
 and two small models trained here); ``python -m opd_train --student S --teacher T --prompts F``
-distills real Hugging Face models.
+distills real Hugging Face models; under ``torchrun --nproc-per-node N -m opd_train ...`` the same
+run spans N processes, both models sharded with FSDP2 (distributed.py).
 """

@@ -6,6 +6,12 @@ came with the student), and beside it ``trainer_state.pt``: the step, the optimi
 run's wall time so far and the torch, python and numpy RNG states, so that a resumed run ends
 with the same weights as an uninterrupted one.
 
+A run on several processes (distributed.py) keeps the same layout, the model and optimizer
+state in ``dcp/`` instead, written by every process with torch.distributed.checkpoint (each its
+shards), ``rng-rank-R.pt`` per process, and ``model/`` exported from the full state dict gathered
+on the main process; ``trainer_state.pt`` then holds the step, the wall time and the number of
+processes (a resume takes as many).
+
 Atomicity: everything is written into a ``.tmp-*`` folder beside the target, every file fsync'ed,
 then the folder is renamed into place and the ``latest`` pointer file replaced (os.replace is
 atomic). A crash at any moment leaves the previous checkpoint and pointer intact; the leftover
@@ -22,10 +28,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+SHARDED_DIR = "dcp"
 STEP_PREFIX = "step-"
 _LEFTOVER_PREFIXES = (".tmp-", ".old-")
 
@@ -59,22 +69,32 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_dir(target: str, fill) -> None:
-    """``fill(tmp)`` writes the folder's content; then it replaces ``target`` atomically."""
+def _new_tmp(target: str) -> str:
+    """A temporary folder beside ``target``, to be filled and then committed in its place."""
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    return tmp
+
+
+def _commit(tmp: str, target: str) -> None:
+    _fsync_tree(tmp)
+    if os.path.exists(target):
+        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".old-")
+        os.replace(target, os.path.join(old, "x"))
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+
+
+def _write_dir(target: str, fill) -> None:
+    """``fill(tmp)`` writes the folder's content; then it replaces ``target`` atomically."""
+    tmp = _new_tmp(target)
     try:
         fill(tmp)
-        _fsync_tree(tmp)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.replace(target, os.path.join(old, "x"))
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,11 +154,70 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, tokenizer, optimizer,
         torch.save(state, os.path.join(tmp, STATE_FILE))
 
     _write_dir(os.path.join(checkpoint_dir, name), fill)
+    _point_and_rotate(checkpoint_dir, name, keep)
+    return os.path.join(checkpoint_dir, name)
+
+
+def _point_and_rotate(checkpoint_dir: str, name: str, keep: int) -> None:
     atomic_write_text(os.path.join(checkpoint_dir, LATEST), name + "\n")
     older = sorted(d for d in os.listdir(checkpoint_dir) if d.startswith(STEP_PREFIX) and d < name)
     for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(checkpoint_dir, old), ignore_errors=True)
-    return os.path.join(checkpoint_dir, name)
+
+
+def _without_aliases(model, state: dict) -> dict:
+    """``state`` without the second and later names of a parameter (a tied lm_head's): gathered
+    copies no longer share storage, by which save_pretrained recognizes tied weights."""
+    first = {}
+    aliases = {name for name, p in model.named_parameters(remove_duplicate=False)
+               if first.setdefault(id(p), name) != name}
+    return {name: t for name, t in state.items() if name not in aliases}
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank-{rank}.pt"
+
+
+def save_sharded_checkpoint(checkpoint_dir: str, step: int, model, tokenizer, optimizer, *, world,
+                            keep: int = 2, wall_time_s: float = 0.0) -> str:
+    """``save_checkpoint`` of a model sharded over ``world``'s processes (every one calls it):
+    the main process makes the temporary folder, each writes its shards and RNG state into it,
+    the main process exports the gathered model and commits the folder."""
+    name = f"{STEP_PREFIX}{step:06d}"
+    target = os.path.join(checkpoint_dir, name)
+    tmp = world.from_main(_new_tmp(target) if world.main else None)
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=os.path.join(tmp, SHARDED_DIR))
+        torch.save(rng_state(), os.path.join(tmp, _rng_file(world.rank)))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.main:
+            model.save_pretrained(os.path.join(tmp, MODEL_DIR), state_dict=_without_aliases(model, full),
+                                  safe_serialization=True)
+            tokenizer.save_pretrained(os.path.join(tmp, MODEL_DIR))
+            torch.save({"step": step, "wall_time_s": wall_time_s, "processes": world.size},
+                       os.path.join(tmp, STATE_FILE))
+        world.barrier()  # every process's files are in place
+        if world.main:
+            _commit(tmp, target)
+            _point_and_rotate(checkpoint_dir, name, keep)
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    world.barrier()  # no process goes on before the checkpoint is committed
+    return target
+
+
+def restore_sharded(checkpoint: str, model, optimizer, world) -> None:
+    """The model and optimizer state of ``save_sharded_checkpoint``'s folder, and this process's
+    RNG state (the same number of processes saved it: cli checks)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=os.path.join(checkpoint, SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_rng_state(torch.load(os.path.join(checkpoint, _rng_file(world.rank)), weights_only=True))
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
@@ -155,4 +234,5 @@ def model_dir(checkpoint: str) -> str:
 
 
 def load_trainer_state(path: str) -> dict:
-    return torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+    """The checkpoint's trainer state; ``processes``: how many processes wrote it."""
+    return {"processes": 1, **torch.load(os.path.join(path, STATE_FILE), weights_only=True)}

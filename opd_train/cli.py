@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import demo, heldout, served, task
+from . import demo, distributed, heldout, served, task
 from .checkpoint import (atomic_write_text, latest_checkpoint, load_trainer_state, model_dir,
                          remove_leftovers)
 from .coldstart import cold_start
+from .distributed import SINGLE, World
 from .errors import RunStopped, UsageError
 from .evaluate import accuracy
 from .loss import PairedModels
@@ -44,11 +45,12 @@ def _split_cold_start(prompts: list, answers: list, count: int, seed: int) -> tu
     return pick(order[:count]), pick(order[count:])
 
 
-def _data(cfg) -> dict:
+def _data(cfg, world: World = SINGLE) -> dict:
     """Raw prompts (OPD, cold start, eval) with answers and the checker, for either mode."""
     if cfg.embedded:
         config_mod.check_k(cfg, demo.vocab_size())  # before the minutes of SFT a first run takes
-        made = demo.prepare(cfg.cache_dir)
+        with world.main_first():  # one process trains the models to cache; the others load them
+            made = demo.prepare(cfg.cache_dir)
         as_lists = lambda ps: ([p.prompt for p in ps], [p.answer for p in ps])  # noqa: E731
         return {"opd": as_lists(made.opd), "cold_start": as_lists(made.cold_start),
                 "eval": as_lists(made.eval[:cfg.eval_max_prompts]), "checker": task.check,
@@ -66,10 +68,11 @@ def _data(cfg) -> dict:
             "student": cfg.student, "teacher": cfg.teacher}
 
 
-def _pair(cfg, student_path: str, teacher_path: Optional[str]) -> tuple:
+def _pair(cfg, student_path: str, teacher_path: Optional[str], world: World = SINGLE) -> tuple:
     """Load the student and the teacher (``teacher_path`` None: connect to the served one), check
-    they can be paired for the chosen objective; returns (pair, the tokenizer to batch with, the
-    teacher's or None, the student's own for checkpoints)."""
+    they can be paired for the chosen objective, and shard both over ``world``'s processes when
+    there are several; returns (pair, the tokenizer to batch with, the teacher's or None, the
+    student's own for checkpoints)."""
     half = cfg.torch_dtype != torch.float32
     # The student keeps fp32 master weights (optimizer updates of lr 1e-6 vanish in bf16) and
     # computes in cfg.dtype under autocast; the teacher is only ever read, so it lives in cfg.dtype.
@@ -92,6 +95,10 @@ def _pair(cfg, student_path: str, teacher_path: Optional[str]) -> tuple:
         if teacher is not None:
             verify_output_head(teacher, teacher_head, probe, "teacher")
     client = None if teacher is not None else served.connect(cfg, vocab_size, probe[0].tolist())
+    if world.launched:
+        mesh = distributed.mesh(cfg.device)
+        student_head = distributed.shard(student, student_head, mesh)
+        teacher_head = distributed.shard(teacher, teacher_head, mesh)
     pair = PairedModels(student, teacher, student_head, teacher_head, vocab_size,
                         cfg.torch_dtype if half else torch.float32, client)
     return pair, student_tok, teacher_tok, own_tok
@@ -122,10 +129,12 @@ def _save_results(path: str, results: dict) -> None:
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
-def run(cfg) -> tuple:
-    """The whole run; returns (results, whether it finished: False after a Ctrl-C)."""
+def run(cfg, world: World = SINGLE) -> tuple:
+    """The whole run; returns (results, whether it finished: False after a Ctrl-C). On several
+    processes every one runs it; the main process writes the run folder and prints."""
     began = time.time()
-    data = _data(cfg)
+    say = print if world.main else lambda *args, **kwargs: None
+    data = _data(cfg, world)
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
     if resume_from and not os.path.isdir(resume_from):
@@ -134,15 +143,21 @@ def run(cfg) -> tuple:
     state = load_trainer_state(resume_from) if resume_from else None
     if state is not None and state["step"] > cfg.steps:
         raise UsageError(f"--steps {cfg.steps}: the run's latest checkpoint is of step {state['step']}")
+    if state is not None and state["processes"] != world.size:
+        raise UsageError(f"--resume: the run was made on {state['processes']} process(es), this is "
+                         f"{world.size}: resume it on as many (torchrun --nproc-per-node, --nnodes)")
+    if state is not None:
+        state["checkpoint"] = resume_from
     pair, tokenizer, teacher_tok, own_tok = _pair(cfg, model_dir(resume_from) if resume_from else data["student"],
-                                                  data["teacher"])
+                                                  data["teacher"], world)
     # Every check has passed: only now does the folder become a run's.
-    os.makedirs(checkpoints, exist_ok=True)
-    for folder in (cfg.output_dir, checkpoints):
-        for name in remove_leftovers(folder):
-            print(f"removed {os.path.join(folder, name)}, left by a run killed while writing")
-    if not cfg.resume:
-        config_mod.save(cfg, os.path.join(cfg.output_dir, "config.json"))
+    if world.main:
+        os.makedirs(checkpoints, exist_ok=True)
+        for folder in (cfg.output_dir, checkpoints):
+            for name in remove_leftovers(folder):
+                print(f"removed {os.path.join(folder, name)}, left by a run killed while writing")
+        if not cfg.resume:
+            config_mod.save(cfg, os.path.join(cfg.output_dir, "config.json"))
     before = state["wall_time_s"] if state is not None else 0.0
     wall_time = lambda: before + time.time() - began  # noqa: E731
     template = lambda ps: apply_template(ps, cfg.prompt_template, tokenizer, teacher_tok)  # noqa: E731
@@ -150,18 +165,20 @@ def run(cfg) -> tuple:
     eval_prompts, _ = template(data["eval"][0])
     results_path = os.path.join(cfg.output_dir, "eval.json")
     results = {}
-    if cfg.resume and os.path.exists(results_path):
+    if cfg.resume and os.path.exists(results_path) and world.main:
         with open(results_path) as f:
             results = json.load(f)
+    results = world.from_main(results)  # what it holds decides what is evaluated: on every process
     evaluate = lambda model: accuracy(model, tokenizer, eval_prompts, data["eval"][1], data["checker"],  # noqa: E731
-                                      max_new_tokens=cfg.max_new_tokens, add_special_tokens=add_special)
+                                      max_new_tokens=cfg.max_new_tokens, add_special_tokens=add_special,
+                                      world=world)
     held_out = None
     if eval_prompts and cfg.eval_every:
         held_out = heldout.HeldOut(os.path.join(cfg.output_dir, heldout.FILE),
                                    eval_prompts[:cfg.eval_diagnostics_prompts], every=cfg.eval_every,
-                                   steps=cfg.steps, seed=cfg.seed)
+                                   steps=cfg.steps, seed=cfg.seed, world=world)
     elif cfg.eval_every:
-        print("no --eval-file: no held-out accuracy and no held-out diagnostics")
+        say("no --eval-file: no held-out accuracy and no held-out diagnostics")
     _seed_everything(cfg.seed)  # the same rollouts whether or not the demo models were just trained
     with _precision(cfg):
         if eval_prompts and "student_before" not in results:
@@ -169,16 +186,19 @@ def run(cfg) -> tuple:
             if pair.teacher is not None:
                 results["teacher"] = evaluate(pair.teacher)
             else:
-                print("served teacher: no teacher accuracy, so no gap recovery (the server only scores)")
+                say("served teacher: no teacher accuracy, so no gap recovery (the server only scores)")
         if cfg.cold_start and resume_from is None:
             results.update(cold_start(cfg, pair, tokenizer, template(data["cold_start"][0])[0], add_special))
             if eval_prompts:
                 results["student_cold_start"] = evaluate(pair.student)
-        _save_results(results_path, results)
+        if world.main:
+            _save_results(results_path, results)
         done = train(cfg, pair, tokenizer, PromptSet(opd_prompts, data["opd"][1], data["checker"]),
-                     add_special, resumed=state, save_tokenizer=own_tok, heldout=held_out, wall_time=wall_time)
+                     add_special, resumed=state, save_tokenizer=own_tok, heldout=held_out,
+                     wall_time=wall_time, world=world)
         if done < cfg.steps:
-            print(f"stopped after step {done}; continue with: python -m opd_train --resume {cfg.output_dir}")
+            launcher = "torchrun ... -m" if world.launched else "python -m"
+            say(f"stopped after step {done}; continue with: {launcher} opd_train --resume {cfg.output_dir}")
             return results, False
         if eval_prompts:
             results["student_after"] = evaluate(pair.student)
@@ -186,18 +206,29 @@ def run(cfg) -> tuple:
                 gap = results["teacher"] - results["student_before"]
                 results["gap_recovery"] = (results["student_after"] - results["student_before"]) / gap if gap > 0 else float("nan")
     results["wall_time_s"] = wall_time()
-    _save_results(results_path, results)
-    plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "diagnostics.png"),
-                 os.path.join(cfg.output_dir, heldout.FILE))
-    print(_table(results))
-    print(f"run folder: {cfg.output_dir} (model: {model_dir(latest_checkpoint(checkpoints))})")
+    if world.main:
+        _save_results(results_path, results)
+        plot_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"),
+                     os.path.join(cfg.output_dir, "diagnostics.png"), os.path.join(cfg.output_dir, heldout.FILE))
+        print(_table(results))
+        print(f"run folder: {cfg.output_dir} (model: {model_dir(latest_checkpoint(checkpoints))})")
     return results, True
 
 
 def main(argv=None) -> int:
+    world = distributed.launched_world()
     try:
-        cfg, _ = config_mod.from_args(sys.argv[1:] if argv is None else argv)
-        _, finished = run(config_mod.resolve(cfg))
+        try:
+            cfg, _ = config_mod.from_args(sys.argv[1:] if argv is None else argv)
+            distributed.check_options(cfg, world)
+            outcome = config_mod.resolve(cfg)
+        except UsageError as e:  # reported once every process has come this far (agree)
+            outcome = e
+        _, finished = run(distributed.agree(world, outcome), world)
+    except distributed.SharedError as e:
+        if world.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,4 +238,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # outside the OPD steps (which checkpoint first): nothing to save
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        distributed.close(world)
     return 0 if finished else INTERRUPTED

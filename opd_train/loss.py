@@ -2,7 +2,8 @@
 
 Position t's hidden state predicts token t+1, so the positions that predict response tokens are
 columns prompt_len-1 .. L-2, and their targets are columns prompt_len .. L-1. Both models read the
-same student-generated prefix; the teacher runs under no_grad.
+same student-generated prefix; the teacher runs under no_grad. A model sharded over processes
+(distributed.shard) gives its hidden states with its output head as gathered for them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import opd_kernels
 from opd_kernels import objectives
 from opd_kernels.objectives import Need
 
-from .models import OutputHead, final_hidden
+from .distributed import hidden_and_head
+from .models import OutputHead
 from .rollout import Batch
 from .teacher_client import TeacherClient, lookup_ids
 
@@ -38,31 +40,37 @@ def _scaled(hidden: torch.Tensor, head: OutputHead, dtype: torch.dtype) -> torch
     return hidden.to(dtype)
 
 
+def _states(model, head: OutputHead, batch: Batch, dtype: torch.dtype) -> tuple:
+    """(hidden states [B, T, H] at the positions that predict the T response columns, the head
+    holding the weight to multiply them with)."""
+    hidden, head = hidden_and_head(model, head, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return _scaled(hidden[:, batch.prompt_len - 1:-1], head, dtype), head
+
+
 def predicting_states(model, head: OutputHead, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
     """Hidden states [B, T, H] at the positions that predict the T response columns."""
-    hidden = final_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
-    return _scaled(hidden[:, batch.prompt_len - 1:-1], head, dtype)
+    return _states(model, head, batch, dtype)[0]
 
 
 def _bias(head: OutputHead, dtype: torch.dtype):
     return None if head.bias is None else head.bias.to(dtype)
 
 
-def _heads(pair: PairedModels, batch: Batch, with_tokens: bool = True) -> dict:
+def _heads(pair: PairedModels, batch: Batch, student_head: OutputHead, teacher_head: OutputHead,
+           with_tokens: bool = True) -> dict:
     """The arguments both kernel calls share: the heads (biases, caps, shared ids), the response
     ids (``with_tokens``) and the mask of the positions that predict them."""
     dtype = pair.compute_dtype
     tokens = batch.input_ids[:, batch.prompt_len:] if with_tokens else None
     return dict(tokens=tokens, mask=batch.response_mask[:, batch.prompt_len:],
-                vocab_size=pair.vocab_size, student_bias=_bias(pair.student_head, dtype),
-                teacher_bias=_bias(pair.teacher_head, dtype), student_softcap=pair.student_head.softcap,
-                teacher_softcap=pair.teacher_head.softcap)
+                vocab_size=pair.vocab_size, student_bias=_bias(student_head, dtype),
+                teacher_bias=_bias(teacher_head, dtype), student_softcap=student_head.softcap,
+                teacher_softcap=teacher_head.softcap)
 
 
 def _teacher_states(pair: PairedModels, batch: Batch) -> tuple:
     with torch.no_grad():
-        return (predicting_states(pair.teacher, pair.teacher_head, batch, pair.compute_dtype),
-                pair.teacher_head.weight.to(pair.compute_dtype))
+        return _states(pair.teacher, pair.teacher_head, batch, pair.compute_dtype)
 
 
 def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, temperature: float,
@@ -83,13 +91,13 @@ def opd_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int, te
                                 diagnostics=diagnostics, **objective_params)
     spec = objectives.get(objective)
     with_tokens = diagnostics or Need.TOKENS in spec.needs(spec.check_params(objective_params))
-    student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
-    student_weight = pair.student_head.weight.to(pair.compute_dtype)
-    teacher_hidden, teacher_weight = _teacher_states(pair, batch)
+    student_hidden, student_head = _states(pair.student, pair.student_head, batch, pair.compute_dtype)
+    teacher_hidden, teacher_head = _teacher_states(pair, batch)
     out = opd_kernels.fused_linear_opd_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, objective=objective, k=k,
+        student_hidden, student_head.weight.to(pair.compute_dtype), teacher_hidden,
+        teacher_head.weight.to(pair.compute_dtype), objective=objective, k=k,
         temperature=temperature, reduction="sum", return_stats=diagnostics,
-        **_heads(pair, batch, with_tokens), **objective_params)
+        **_heads(pair, batch, student_head, teacher_head, with_tokens), **objective_params)
     return out if diagnostics else (out, None)
 
 
@@ -100,11 +108,11 @@ def _served_loss_sum(pair: PairedModels, batch: Batch, *, objective: str, k: int
     top-k ids are looked up in that answer (``MissingTeacherLogprob`` where one lies beyond the
     teacher's top-K). Its statistics have no reverse KL (the server gives no full distribution)
     and the teacher's entropy is a lower bound."""
-    answer, head, dtype = batch.teacher, pair.student_head, pair.compute_dtype
+    answer, dtype = batch.teacher, pair.compute_dtype
     spec = objectives.get(objective)
     needs = spec.needs(spec.check_params(objective_params))
     with_tokens = diagnostics or Need.TOKENS in needs  # as above: a range check costs a sync
-    hidden = predicting_states(pair.student, head, batch, dtype)
+    hidden, head = _states(pair.student, pair.student_head, batch, dtype)
     weight, bias = head.weight.to(dtype), _bias(head, dtype)
     logprobs_at = None
     if Need.SUPPORT in needs:
@@ -128,11 +136,12 @@ def statistics(pair: PairedModels, batch: Batch, *, k: int, temperature: float):
     if pair.served is not None:  # any served objective: the statistics are the same
         return _served_loss_sum(pair, batch, objective="teacher_topk", k=k, temperature=temperature,
                                 diagnostics=True)[1]
-    student_hidden = predicting_states(pair.student, pair.student_head, batch, pair.compute_dtype)
-    teacher_hidden, teacher_weight = _teacher_states(pair, batch)
+    student_hidden, student_head = _states(pair.student, pair.student_head, batch, pair.compute_dtype)
+    teacher_hidden, teacher_head = _teacher_states(pair, batch)
     return opd_kernels.fused_linear_topk_overlap(
-        student_hidden, pair.student_head.weight.to(pair.compute_dtype), teacher_hidden,
-        teacher_weight, k=k, temperature=temperature, **_heads(pair, batch))
+        student_hidden, student_head.weight.to(pair.compute_dtype), teacher_hidden,
+        teacher_head.weight.to(pair.compute_dtype), k=k, temperature=temperature,
+        **_heads(pair, batch, student_head, teacher_head))
 
 
 def token_reward(summary: dict) -> float:

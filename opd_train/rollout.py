@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from transformers import GenerationConfig
 
+from .distributed import is_sharded, release
 from .teacher_client import TeacherTopK
 
 
@@ -60,7 +61,9 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     """Responses to ``prompts`` (one each; repeat a prompt for several rollouts): returns
     (Batch, decoded response texts). Sampling is from the full distribution at ``temperature``
     (no top-k / top-p truncation), as on-policy distillation assumes. Chat-templated prompts
-    already hold their special tokens: pass ``add_special_tokens=False`` for them."""
+    already hold their special tokens: pass ``add_special_tokens=False`` for them. A model
+    sharded over processes decodes until every process is done (each decoding step gathers the
+    shards: every process runs it)."""
     device = next(model.parameters()).device
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=not greedy,
@@ -73,13 +76,14 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     for start in range(0, len(prompts), step):
         enc = tokenizer(prompts[start:start + step], padding=True, padding_side="left",
                         return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
-        out = model.generate(**enc, generation_config=config)
+        out = model.generate(**enc, generation_config=config, synced_gpus=is_sharded(model))
         # One copy to the host per chunk (decoding needs it anyway): the layout below, the
         # response lengths and the texts then cost no further device synchronization.
         out = out.cpu()
         width = enc["input_ids"].shape[1]
         chunks.append((out[:, :width], enc["attention_mask"].cpu(), out[:, width:]))
     model.train(was_training)
+    release(model)  # the root's parameters, gathered for the decoding
     prompt_len = max(p.shape[1] for p, _, _ in chunks)
     resp_len = max(r.shape[1] for _, _, r in chunks)
     pad = tokenizer.pad_token_id

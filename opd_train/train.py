@@ -11,9 +11,15 @@ reaches the host in one copy (one synchronization a step, not one a micro-batch)
 diagnostics (heldout.py) every ``eval_every`` steps.
 
 Ctrl-C finishes the current step, checkpoints and stops (a second Ctrl-C stops at once).
+
+On several processes (distributed.py) each takes its contiguous share of the step's rollouts,
+sampled from a seed of (seed, step, rank); the gradient is the token mean over every process's
+rollouts; the logged numbers are over all of them, written by the main process; a SIGINT to any
+process stops all of them after the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,9 +34,11 @@ from tqdm.auto import tqdm
 
 from opd_kernels import TopKStats
 
-from .batching import host_summary, micro_batches
+from .batching import host_summary, shared_micro_batches
 from . import served
-from .checkpoint import latest_checkpoint, model_dir, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (latest_checkpoint, model_dir, restore_sharded, rng_state, save_checkpoint,
+                         save_sharded_checkpoint, set_rng_state)
+from .distributed import SINGLE, World, global_norm, release, seed_of, seeded
 from .errors import RunStopped
 from .heldout import HeldOut
 from .loss import PairedModels, opd_loss_sum
@@ -61,16 +69,18 @@ def step_prompts(n_prompts: int, per_step: int, step: int, seed: int) -> list:
 
 
 class StopOnSigint:
-    """First Ctrl-C: ask the loop to stop after the step; second: interrupt at once."""
+    """First Ctrl-C: ask the loop to stop after the step; second: interrupt at once.
+    ``announce``: say so (the main process of several)."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, announce: bool = True):
+        self.requested, self.announce = False, announce
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: finishing this step, then checkpointing (Ctrl-C again to abort)")
+        if self.announce:
+            tqdm.write("interrupt: finishing this step, then checkpointing (Ctrl-C again to abort)")
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -86,16 +96,20 @@ def diagnoses(cfg, done: int) -> bool:
     return done == 1 or done % cfg.diagnostics_every == 0 or done == cfg.steps
 
 
-def _loss_and_stats(cfg, pair: PairedModels, batch, diagnostics: bool) -> tuple:
+def _loss_and_stats(cfg, pair: PairedModels, batch, diagnostics: bool, tokens=None,
+                    world: World = SINGLE) -> tuple:
     """Forward and backward of the step's micro-batches: (the loss summed over its tokens, the
-    statistics of every position flattened to one axis, or None), both still on the device."""
-    tokens = batch.response_tokens
+    statistics of every position flattened to one axis, or None), both still on the device.
+    ``tokens``: what each loss sum is divided by (default: the batch's response tokens; on
+    several processes, all of theirs over their number, as FSDP averages their gradients)."""
+    tokens = batch.response_tokens if tokens is None else tokens
     sums, parts = [], []
-    for part in micro_batches(batch, cfg.micro_batch_tokens):
+    for part in shared_micro_batches(batch, cfg.micro_batch_tokens, world):
         loss, stats = opd_loss_sum(pair, part, objective=cfg.objective, k=cfg.k,
                                    temperature=cfg.loss_temperature, diagnostics=diagnostics,
                                    **cfg.objective_params)
         (loss / tokens).backward()
+        release(pair.teacher)  # its gathered head, kept for the backward, is no longer needed
         sums.append(loss.detach().float())
         if stats is not None:  # flattened: trimmed micro-batches have different widths
             parts.append(stats.map(lambda t: t.reshape(-1)))
@@ -122,35 +136,52 @@ def _stopped(cfg, error: Exception, completed: tuple, saved: int, student, save_
 
 def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_tokens: bool, *,
           resumed: Optional[dict], save_tokenizer, heldout: Optional[HeldOut],
-          wall_time: Callable[[], float]) -> int:
+          wall_time: Callable[[], float], world: World = SINGLE) -> int:
     """Runs steps until cfg.steps (or Ctrl-C), from the trainer state ``resumed`` (None: from
-    the start); returns the number of steps done. Checkpoints hold ``save_tokenizer`` (the
-    student's own) and ``wall_time()``, the run's time so far."""
+    the start; on several processes, with the ``checkpoint`` folder it came from); returns the
+    number of steps done. Checkpoints hold ``save_tokenizer`` (the student's own) and
+    ``wall_time()``, the run's time so far."""
     student = pair.student
     if cfg.gradient_checkpointing:
         enable_checkpointing(student)
+    release(student)  # a sharded model's parameters are then the sharded ones, which the optimizer steps
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     checkpoints = os.path.join(cfg.output_dir, "checkpoints")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start = 0
-    if resumed is not None:
+    if resumed is not None and world.launched:
+        restore_sharded(resumed["checkpoint"], student, optimizer, world)
+    elif resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         set_rng_state(resumed["rng"])
+    if resumed is not None:
         start = resumed["step"]
-    truncate_rows(metrics_path, start)
+    if world.main:
+        truncate_rows(metrics_path, start)
     if heldout is not None:
-        truncate_rows(heldout.path, start)
+        if world.main:
+            truncate_rows(heldout.path, start)
         heldout.logged = {s for s in heldout.logged if s <= start}
+
+    def checkpoint(step: int) -> None:
+        if world.launched:
+            save_sharded_checkpoint(checkpoints, step, student, save_tokenizer, optimizer, world=world,
+                                    keep=cfg.keep_checkpoints, wall_time_s=wall_time())
+        else:
+            save_checkpoint(checkpoints, step, student, save_tokenizer, optimizer,
+                            keep=cfg.keep_checkpoints, wall_time_s=wall_time())
+
     # The last step done with the RNG states at its end, and the last step checkpointed: what a
     # failure of the served teacher saves, so that --resume goes on as if nothing had happened.
     completed, saved = (start, None), start
     shown = {}
-    with StopOnSigint() as stop, open(metrics_path, "a") as log:
+    log_file = open(metrics_path, "a") if world.main else contextlib.nullcontext()
+    with StopOnSigint(announce=world.main) as stop, log_file as log:
         try:
             if heldout is not None and heldout.due(start):
                 heldout.measure(start, pair, tokenizer, cfg, add_special_tokens)
             bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="opd",
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=not world.main)
             for step in bar:
                 began = time.time()
                 done = step + 1
@@ -159,37 +190,51 @@ def train(cfg, pair: PairedModels, tokenizer, data: PromptSet, add_special_token
                     group["lr"] = lr
                 idx = step_prompts(len(data.prompts), cfg.prompts_per_step, step, cfg.seed)
                 idx = [i for i in idx for _ in range(cfg.rollouts_per_prompt)]
-                batch, texts = generate(student, tokenizer, [data.prompts[i] for i in idx],
-                                        cfg.max_new_tokens, cfg.sampling_temperature,
-                                        add_special_tokens=add_special_tokens)
-                rewards = [float(data.checker(t, data.answers[i])) for t, i in zip(texts, idx)
+                mine = world.share(idx)[0]  # exact: config checks that the rollouts split evenly
+                with seeded(seed_of(cfg.seed, step, world.rank), cfg.device) if world.launched \
+                        else contextlib.nullcontext():
+                    batch, texts = generate(student, tokenizer, [data.prompts[i] for i in mine],
+                                            cfg.max_new_tokens, cfg.sampling_temperature,
+                                            add_special_tokens=add_special_tokens)
+                rewards = [float(data.checker(t, data.answers[i])) for t, i in zip(texts, mine)
                            if data.checker is not None and data.answers[i] is not None]
                 if pair.served is not None:  # the whole step's rollouts at once, before any forward
                     batch = served.score(pair.served, batch)
-                tokens = batch.response_tokens
+                # every process's response tokens and rewards (sums and counts): one collective
+                counts = world.sum(torch.tensor([batch.response_tokens, sum(rewards), len(rewards)],
+                                                dtype=torch.float64, device=cfg.device))
                 student.train()
-                loss_sum, stats = _loss_and_stats(cfg, pair, batch, diagnoses(cfg, done))
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                loss_sum, stats = _loss_and_stats(cfg, pair, batch, diagnoses(cfg, done),
+                                                  counts[0].float() / world.size if world.launched else None,
+                                                  world)
+                grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                                       cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                (loss_sum, grad_norm), diagnostics = host_summary([loss_sum, grad_norm], stats)  # the sync
+                # the loss over every process's tokens, and whether any was asked to stop
+                totals = world.sum(torch.stack([loss_sum.double(),
+                                                torch.tensor(float(stop.requested), dtype=torch.float64,
+                                                             device=loss_sum.device)]))
+                (loss_sum, stopping, grad_norm, tokens, reward_sum, reward_count), diagnostics = \
+                    host_summary([*totals, grad_norm, *counts], stats, world)  # the sync
+                tokens = int(tokens)
                 elapsed = time.time() - began
                 row = {"step": done, "loss": loss_sum / tokens, **diagnostics,
-                       "rollout_accuracy": float(np.mean(rewards)) if rewards else math.nan,
+                       "rollout_accuracy": reward_sum / reward_count if reward_count else math.nan,
                        "grad_norm": grad_norm, "response_length": tokens / len(idx),
                        "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "lr": lr}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                if world.main:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
                 shown.update({name: f"{row[key]:.3f}" for name, key in
                               (("kl", "reverse_kl"), ("overlap", "overlap"), ("reward", "token_reward"))
                               if key in row})
                 bar.set_postfix(**shown, acc=f"{row['rollout_accuracy']:.2f}", gnorm=f"{grad_norm:.2f}",
                                 len=f"{row['response_length']:.0f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if stop.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
-                    save_checkpoint(checkpoints, done, student, save_tokenizer, optimizer,
-                                    keep=cfg.keep_checkpoints, wall_time_s=wall_time())
+                if stopping or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+                    checkpoint(done)
                     saved = done
-                if stop.requested:
+                if stopping:
                     return done
                 completed = (done, rng_state())
                 if heldout is not None and heldout.due(done):
