@@ -72,13 +72,22 @@ def problem_sets(spec: DemoSpec) -> tuple:
     return sft_set, opd, cold_start, evaluation
 
 
-def _train_and_cache(path: str, which: str, model_spec: ModelSpec, spec: DemoSpec, sft_set, tokenizer) -> None:
-    torch.manual_seed(spec.seed + (0 if which == "teacher" else 1))
-    model = tiny_llama(tokenizer, model_spec.hidden_size, model_spec.layers, model_spec.heads, spec.max_positions)
-    pairs = text_pairs(tokenizer, [p.prompt for p in sft_set], [p.solution for p in sft_set])
+def sft_and_save(path: str, model_spec: ModelSpec, tokenizer, prompts: list, responses: list, *,
+                 max_positions: int, init_seed: int, seed: int, desc: str) -> None:
+    """A tiny Llama of ``model_spec``, initialized from ``init_seed``, SFT'd on the text pairs and
+    saved (with the tokenizer) as a Hugging Face folder at ``path``."""
+    torch.manual_seed(init_seed)
+    model = tiny_llama(tokenizer, model_spec.hidden_size, model_spec.layers, model_spec.heads, max_positions)
+    pairs = text_pairs(tokenizer, prompts, responses)
     sft(model, pairs, tokenizer.pad_token_id, steps=model_spec.sft_steps,
-        batch_size=model_spec.sft_batch, lr=model_spec.sft_lr, seed=spec.seed, desc=f"sft {which}")
+        batch_size=model_spec.sft_batch, lr=model_spec.sft_lr, seed=seed, desc=desc)
     save_model_dir(path, model, tokenizer)
+
+
+def _train_and_cache(path: str, which: str, model_spec: ModelSpec, spec: DemoSpec, sft_set, tokenizer) -> None:
+    sft_and_save(path, model_spec, tokenizer, [p.prompt for p in sft_set], [p.solution for p in sft_set],
+                 max_positions=spec.max_positions, init_seed=spec.seed + (0 if which == "teacher" else 1),
+                 seed=spec.seed, desc=f"sft {which}")
 
 
 def vocab_size() -> int:
