@@ -2,7 +2,8 @@
 
 GPU (default): the full suite in bf16 against PyTorch eager, torch.compile and the peers that
 import, under a time budget (about 6 minutes; --quick about 2). --cpu: the CPU path (the
-"torch" backend) against eager PyTorch on small fp32 shapes. --hopper-report: the static sm_90
+"cpp" and "torch" backends) against eager PyTorch on small fp32 shapes, then the native
+backend's own figures (bench/cpu_native.py). --hopper-report: the static sm_90
 compile report of every Triton kernel (needs no GPU). Results go to bench/results/.
 """
 from __future__ import annotations
@@ -97,6 +98,10 @@ def main(argv=None) -> int:
                   checkpoint=lambda partial: write_all(partial, args.out, png=False))
     for path in write_all(payload, args.out, png=not args.no_png):
         print(f"wrote {path}")
+    if args.cpu and not (args.ops or args.forms or args.models or args.n):
+        from . import cpu_native
+        for path in cpu_native.write(cpu_native.measure(), payload["meta"], args.out):
+            print(f"wrote {path}")
     return 0
 
 

@@ -175,6 +175,7 @@ def _cce(case, mode, x, k, tau):
 
 IMPLS = {impl.name: impl for impl in (
     Impl("opd-triton", "ours", _ours("triton")),
+    Impl("opd-cpp", "ours", _ours("cpp")),
     Impl("opd-torch", "ours", _ours("torch")),
     Impl("eager", "pytorch", _pytorch(compiled=False)),
     Impl("compile", "pytorch", _pytorch(compiled=True), _dense_teacher),
@@ -186,7 +187,7 @@ IMPLS = {impl.name: impl for impl in (
 )}
 GPU_IMPLS = ("opd-triton", "eager", "compile", "liger-jsd", "liger-fused-jsd",
              "liger-chunked-jsd", "cce", "trl-chunked-divergence")
-CPU_IMPLS = ("opd-torch", "eager")
+CPU_IMPLS = ("opd-cpp", "opd-torch", "eager")
 PEER_PACKAGES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy",
                  "trl": "trl"}
 

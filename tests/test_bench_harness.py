@@ -39,7 +39,7 @@ def test_tiny_cpu_run_writes_json_and_markdown(tmp_path):
     jobs = {(r["op"], r["form"], r["mode"], r["impl"]): r for r in payload["rows"]}
     expected = {(op, form, mode, impl) for op in ops
                 for form in registry.FORMS for mode in Case(op, form, TINY, 4).modes
-                for impl in ("opd-torch", "eager")}
+                for impl in ("opd-cpp", "opd-torch", "eager")}
     assert set(jobs) == expected
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in jobs.values()), \
         [r["status"] for r in jobs.values() if r["status"] != "ok"]

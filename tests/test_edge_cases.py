@@ -11,7 +11,7 @@ from opd_kernels import reference as R
 INF = math.inf
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_student_zero_mass_inside_the_shared_set(backend):
     # Fewer finite student logits than k: S holds ids with p = 0, whose terms count as 0.
     zs = torch.tensor([[0.0, 0.5, -INF, -INF], [1.0, -INF, 0.0, 2.0]])
@@ -23,7 +23,7 @@ def test_student_zero_mass_inside_the_shared_set(backend):
         torch.testing.assert_close(value.double(), getattr(ref, name), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_teacher_minus_inf_gives_inf_only_where_the_student_has_mass(backend):
     zs = torch.tensor([[0.0, 1.0, -INF, 2.0], [0.0, 1.0, 3.0, 2.0]]).requires_grad_()
     zt = torch.tensor([[1.0, 0.0, -INF, 0.5], [1.0, 0.0, -INF, 0.5]])
@@ -37,7 +37,7 @@ def test_teacher_minus_inf_gives_inf_only_where_the_student_has_mass(backend):
     assert torch.isfinite(grad).all() and (grad[1] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("objective", objectives.names())
 def test_all_positions_masked(backend, objective):
     zs = torch.randn(3, 50).requires_grad_()
@@ -50,7 +50,7 @@ def test_all_positions_masked(backend, objective):
     assert all(torch.isnan(t).all() for t in stats.tensors().values())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("objective, params", [(n, {}) for n in objectives.names() if n != "jsd"]
                          + [("jsd", {"beta": b}) for b in (0.0, 0.3, 1.0)])
 def test_both_models_exclude_the_same_ids(backend, objective, params):
@@ -78,7 +78,7 @@ def test_both_models_exclude_the_same_ids(backend, objective, params):
 OBJECTIVE_CASES = [(n, {}) for n in objectives.names() if n != "jsd"] + [("jsd", {"beta": 0.3})]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("objective, params", OBJECTIVE_CASES)
 def test_empty_batch_every_objective_both_forms(backend, objective, params):
     zs = torch.zeros(0, 3, 40, requires_grad=True)
@@ -95,7 +95,7 @@ def test_empty_batch_every_objective_both_forms(backend, objective, params):
         assert (grad_w == 0).all() and (loss == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("objective, params", OBJECTIVE_CASES)
 def test_logits_near_1e4_every_objective(backend, objective, params):
     # Centered sums: rows near +-1e4 lose nothing to cancellation (an fp32 lse there is off by

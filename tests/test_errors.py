@@ -4,7 +4,7 @@ import torch
 
 import opd_kernels as O
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpp"]
 zs, zt = torch.randn(4, 10), torch.randn(4, 10)
 tokens = torch.tensor([0, 1, 2, 9])
 hs, ws, ht, wt = torch.randn(4, 6), torch.randn(10, 6), torch.randn(4, 3), torch.randn(10, 3)

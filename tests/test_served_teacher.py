@@ -13,7 +13,7 @@ from opd_kernels import reference as R
 
 N, V, H, K, k, TAU = 6, 300, 32, 20, 8, 0.7
 SERVED = objectives.names("served")
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpp"]
 
 
 def _world(seed=0, cap=None):

@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opd_kernels.backends import native
 from opd_train import config, distributed, heldout, train
 from opd_train.batching import micro_batches, shared_micro_batches
 from opd_train.checkpoint import latest_checkpoint, model_dir
 from opd_train.cli import INTERRUPTED, main
 from opd_train.errors import UsageError
 from opd_train.rollout import Batch
+from two_ranks import free_port
 
 RANK_MAIN = os.path.join(os.path.dirname(__file__), "rank_main.py")
 TIMEOUT_S = 240  # a run here takes seconds; a hang fails the test instead of stalling the suite
@@ -37,18 +38,12 @@ def _args(root, out, *extra):
             "--lr", "1e-2", "--k", "4", "--seed", "5", *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _environment(**extra) -> dict:
-    # One kernel path in every process of every run: the native CPU kernels build on first use,
-    # and a process that cannot build them (two building at once) runs the PyTorch path, whose
-    # rounding differs; a bitwise comparison of two runs needs the same path in both.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "OPD_KERNELS_NO_NATIVE": "1",
-           **extra}
+    # The native CPU kernels are built (or found unavailable) here, once, so that every process
+    # of every run loads the same cached build and runs the same kernels: a bitwise comparison
+    # of two runs needs the same path in both.
+    native.available()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", **extra}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(RANK_MAIN)),
                                          env.get("PYTHONPATH", "")])
     return env
@@ -57,7 +52,7 @@ def _environment(**extra) -> dict:
 def _ranks(argvs: list, **extra) -> list:
     """[(exit status, stderr)] of one process per argv, joined as ranks 0.. of one group. Their
     output goes to files: a full pipe would block a process, and the others with it."""
-    port, size = _free_port(), len(argvs)
+    port, size = free_port(), len(argvs)
     logs = [tempfile.TemporaryFile("w+") for _ in argvs]
     procs = [subprocess.Popen([sys.executable, RANK_MAIN, *argv], stdout=subprocess.DEVNULL, stderr=log,
                               env=_environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -226,7 +221,7 @@ def test_torchrun_with_a_step_that_does_not_split(setup, tmp_path):
     argv = _args(setup, tmp_path / "r", "--steps", "1", "--prompts-per-step", "3",
                  "--rollouts-per-prompt", "1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                            "-m", "opd_train", *argv], capture_output=True, text=True, timeout=TIMEOUT_S,
                           env=_environment())
     assert proc.returncode != 0

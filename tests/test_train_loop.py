@@ -8,6 +8,7 @@ import torch
 
 import opd_kernels
 import opd_kernels.reference
+from opd_kernels.backends import triton_fused_grad
 from opd_train import batching, coldstart, heldout, plots, task, train
 from opd_train.config import Config
 from opd_train.loss import PairedModels, opd_loss_sum
@@ -38,15 +39,24 @@ def _pair(student, teacher):
 
 def _products(monkeypatch):
     """Rows of full-vocabulary lm_head products, per weight (the PyTorch path forms every full
-    product through reference.linear_logits, in the forward and in the backward's recompute)."""
+    product through reference.linear_logits, in the forward and in the backward's recompute; the
+    native CPU path through triton_fused_grad.logits_into)."""
     rows = {}
-    real = opd_kernels.reference.linear_logits
+    real, real_into = opd_kernels.reference.linear_logits, triton_fused_grad.logits_into
+
+    def count(hidden, weight):
+        rows[weight.data_ptr()] = rows.get(weight.data_ptr(), 0) + hidden.shape[0]
 
     def counting(hidden, weight, *args, **kwargs):
-        rows[weight.data_ptr()] = rows.get(weight.data_ptr(), 0) + hidden.shape[0]
+        count(hidden, weight)
         return real(hidden, weight, *args, **kwargs)
 
+    def counting_into(out, hidden, weight):
+        count(hidden, weight)
+        return real_into(out, hidden, weight)
+
     monkeypatch.setattr(opd_kernels.reference, "linear_logits", counting)
+    monkeypatch.setattr(triton_fused_grad, "logits_into", counting_into)
     return rows
 
 

@@ -1,4 +1,5 @@
-"""The fused-linear Triton backend (interpreted on CPU) on every objective and model quirk,
+"""The fused-linear kernels on every objective and model quirk, on each backend that has them (the
+Triton kernels, interpreted on CPU, and the native CPU backend, cpp_fused, in chunks of two rows),
 against the float64 reference on the materialized logits ``reference.linear_logits(h, W, K, b)``:
 values and the student's gradients (hidden, weight, bias) for both gradient paths (recomputed in
 the backward; computed in the forward for reduction "mean"/"sum"), soft-capping and lm_head
@@ -10,6 +11,17 @@ import torch
 import opd_kernels
 from opd_kernels import reference
 from test_triton_fused_linear import _inputs, _mask
+
+ON = {}  # the keyword choosing the backend under test (set by the ``kernels`` fixture)
+
+
+@pytest.fixture(autouse=True, params=["triton", "cpp"])
+def kernels(request, monkeypatch):
+    ON["backend"] = request.param
+    if request.param == "cpp":  # chunks of two rows: the chunks' results are merged in every test
+        monkeypatch.setattr("opd_kernels.backends.cpp_fused.SCRATCH_BYTES", 2 * 3 * 4 * 320)
+    return request.param
+
 
 OBJECTIVES = [("full", {}), ("forward_kl", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.3}),
               ("jsd", {"beta": 1.0}), ("sampled", {}), ("topk", {}), ("topk_pg", {})]
@@ -51,7 +63,7 @@ def _case(objective, params, *, n=5, vocab=300, hs=32, ht=48, reduction="none",
     def ours(h, w, b=None):
         return opd_kernels.fused_linear_opd_loss(
             h, w, ht_, wt, objective=objective, student_bias=b, teacher_bias=b_t,
-            grad_in_forward=grad_in_forward, backend="triton", **common)
+            grad_in_forward=grad_in_forward, **ON, **common)
 
     def ref(h, w, b=None):
         z_t = reference.linear_logits(ht_.double(), wt.double(), None, None if b_t is None else b_t.double())
@@ -99,7 +111,7 @@ def test_mixed_precision_fp16_activations_fp32_weights(objective, reduction, gra
     def ours(h, w, b):
         return opd_kernels.fused_linear_opd_loss(h, w, ht, wt, student_bias=b,
                                                  grad_in_forward=grad_in_forward,
-                                                 backend="triton", **common)
+                                                 **ON, **common)
 
     def ref(h, w, b):
         rounded = lambda t: t.half().double()
@@ -132,7 +144,7 @@ def test_return_stats_fields(objective, with_tokens, grad_in_forward):
     loss, stats = opd_kernels.fused_linear_opd_loss(
         h, x["student_weight"], x["teacher_hidden"], x["teacher_weight"], objective=objective,
         tokens=y, k=4, mask=m, temperature=0.8, return_stats=True, student_softcap=6.0,
-        grad_in_forward=grad_in_forward, backend="triton")
+        grad_in_forward=grad_in_forward, **ON)
     loss.backward()
     z_s = reference.softcapped(reference.linear_logits(x["student_hidden"].double(),
                                                        x["student_weight"].double()), 6.0)
@@ -154,7 +166,7 @@ def test_statistics_with_tokens_bias_and_softcap():
     b_s = torch.randn(300, generator=torch.Generator().manual_seed(2))
     stats = opd_kernels.fused_linear_topk_overlap(
         x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], k=4,
-        tokens=x["tokens"], student_bias=b_s, teacher_softcap=3.0, backend="triton")
+        tokens=x["tokens"], student_bias=b_s, teacher_softcap=3.0, **ON)
     z_s = reference.linear_logits(x["student_hidden"].double(), x["student_weight"].double(),
                                   None, b_s.double())
     z_t = reference.softcapped(reference.linear_logits(x["teacher_hidden"].double(),
@@ -174,11 +186,11 @@ def test_logsumexp_and_token_logprobs_with_bias_and_softcap(softcap, bias):
     y = x["tokens"]
     for fn, ref in (
         (lambda h, w, b=None: opd_kernels.fused_linear_logsumexp(h, w, bias=b, softcap=softcap,
-                                                                 temperature=0.7, backend="triton"),
+                                                                 temperature=0.7, **ON),
          lambda h, w, b=None: reference.logsumexp(
              reference.softcapped(reference.linear_logits(h, w, None, b), softcap), 0.7)),
         (lambda h, w, b=None: opd_kernels.fused_linear_token_logprobs(
-            h, w, y, bias=b, softcap=softcap, temperature=0.7, backend="triton"),
+            h, w, y, bias=b, softcap=softcap, temperature=0.7, **ON),
          lambda h, w, b=None: reference.token_logprobs(
              reference.softcapped(reference.linear_logits(h, w, None, b), softcap), y, 0.7)),
     ):

@@ -1,9 +1,11 @@
-"""The Triton logits backend (opd_kernels.backends.triton_logits) through the public API, against the
+"""The logits-form kernels through the public API, on each backend that has them (the Triton
+kernels, opd_kernels.backends.triton_logits, and the native CPU ones, cpp_logits), against the
 float64 reference: fp32 values and gradients within 1e-5 of the largest reference magnitude, or
 within twice PyTorch's own fp32 error where that is larger (a peaked row's gradient is a small
 difference of O(x) terms, so fp32 itself cannot do 1e-5 of it); fp16 no worse than PyTorch's
 own fp16 computation plus a small tolerance.
-Runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py); shapes stay small."""
+The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py); shapes stay
+small."""
 import pytest
 import torch
 
@@ -12,7 +14,14 @@ from opd_kernels import objectives, reference
 from opd_kernels.backends import triton_logits
 
 RTOL = 1e-5
-TRITON = dict(backend="triton")
+ON = {}  # the keyword choosing the backend under test (set by the ``kernels`` fixture)
+
+
+@pytest.fixture(autouse=True, params=["triton", "cpp"])
+def kernels(request):
+    ON["backend"] = request.param
+    return request.param
+
 # Every registered objective, the JSD at both ends and inside (its mixture pass).
 OBJECTIVE_CASES = [(name, {"beta": beta}) for name in objectives.names() if name == "jsd"
                    for beta in (0.0, 0.3, 1.0)] + [(name, {}) for name in objectives.names()
@@ -95,15 +104,15 @@ def test_logsumexp_and_token_logprobs(shape, temperature):
     z = _logits(*shape)
     tokens = torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(1))
     up = _upstream(shape[:-1])
-    _check(lambda x: opd_kernels.logsumexp(x, temperature=temperature, **TRITON),
+    _check(lambda x: opd_kernels.logsumexp(x, temperature=temperature, **ON),
            lambda x: reference.logsumexp(x, temperature), z, up)
-    _check(lambda x: opd_kernels.token_logprobs(x, tokens, temperature=temperature, **TRITON),
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, temperature=temperature, **ON),
            lambda x: reference.token_logprobs(x, tokens, temperature), z, up)
 
 
 def test_logsumexp_split_rows(split_rows):
     z = _logits(2, 1000, seed=3)
-    _check(lambda x: opd_kernels.logsumexp(x, **TRITON), reference.logsumexp, z)
+    _check(lambda x: opd_kernels.logsumexp(x, **ON), reference.logsumexp, z)
 
 
 def test_huge_logits_do_not_overflow():
@@ -112,7 +121,7 @@ def test_huge_logits_do_not_overflow():
     z[1] -= 1e4
     z[2, ::2] = 1e4
     z[3, ::2] = -1e4
-    _check(lambda x: opd_kernels.logsumexp(x, temperature=0.5, **TRITON),
+    _check(lambda x: opd_kernels.logsumexp(x, temperature=0.5, **ON),
            lambda x: reference.logsumexp(x, 0.5), z)
 
 
@@ -137,7 +146,7 @@ def test_reverse_kl(vocab, temperature, mask_kind):
     up = _upstream(lead)
     value, grad = _check(
         lambda x: opd_kernels.reverse_kl(x, t, mask=mask, temperature=temperature,
-                                         reduction="none", **TRITON),
+                                         reduction="none", **ON),
         lambda x: reference.opd_loss(x, t.to(x.dtype), "full", mask=mask, temperature=temperature,
                                      reduction="none"), s, up)
     ref_value = reference.opd_loss(s.double(), t.double(), "full", mask=mask,
@@ -146,19 +155,19 @@ def test_reverse_kl(vocab, temperature, mask_kind):
         assert (value[~mask] == 0).all() and (grad[~mask] == 0).all()
     for reduction in ("mean", "sum"):
         reduced = opd_kernels.reverse_kl(s, t, mask=mask, temperature=temperature,
-                                         reduction=reduction, **TRITON)
+                                         reduction=reduction, **ON)
         _close(reduced, reference.reduce(ref_value, mask, reduction))
 
 
 def test_reverse_kl_split_rows(split_rows):
     s, t = _logits(2, 1000, seed=5), _logits(2, 1000, seed=6)
-    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **ON),
            lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
 
 
 def test_reverse_kl_large_vocab():
     s, t = _logits(2, 50257, seed=7), _logits(2, 50257, seed=8)
-    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **ON),
            lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
 
 
@@ -171,10 +180,10 @@ def test_reverse_kl_teacher_minus_inf():
     t[1, 150:] = float("-inf")              # teacher-only -inf where p = 0 is impossible here
     s[1, 150:] = float("-inf")
     s[2, :10] = float("-inf")               # student -inf, teacher finite: term 0
-    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **TRITON),
+    _check(lambda x: opd_kernels.reverse_kl(x, t, reduction="none", **ON),
            lambda x: reference.reverse_kl(x, t.to(x.dtype)), s)
     t[2, 100] = float("-inf")               # student has mass there
-    value = opd_kernels.reverse_kl(s, t, reduction="none", **TRITON)
+    value = opd_kernels.reverse_kl(s, t, reduction="none", **ON)
     assert value[2] == float("inf") and torch.isfinite(value[:2]).all()
 
 
@@ -188,7 +197,7 @@ def test_reverse_kl_huge_logits():
     t[2, ::3] = 1e4
     s[3, ::2] = -1e4
     t[3, 1::2] = -1e4
-    _check(lambda x: opd_kernels.reverse_kl(x, t, temperature=0.5, reduction="none", **TRITON),
+    _check(lambda x: opd_kernels.reverse_kl(x, t, temperature=0.5, reduction="none", **ON),
            lambda x: reference.reverse_kl(x, t.to(x.dtype), 0.5), s)
 
 
@@ -205,17 +214,19 @@ def _check_fp16(ours, ref, x):
         assert ours_err <= torch_err + 1e-3 * want.abs().max(), (ours_err, torch_err)
 
 
-def test_fp16_no_worse_than_torch():
+def test_fp16_no_worse_than_torch(kernels):
+    if kernels == "cpp":
+        pytest.skip("the native kernels take fp32 and bf16; fp16 on the CPU runs the PyTorch path")
     s = _logits(4, 1000, seed=13, dtype=torch.float16)
     t = _logits(4, 1000, seed=14, dtype=torch.float16)
     tokens = torch.tensor([0, 5, 999, 500])
-    _check_fp16(lambda x: opd_kernels.logsumexp(x, **TRITON), reference.logsumexp, s)
-    _check_fp16(lambda x: opd_kernels.token_logprobs(x, tokens, **TRITON),
+    _check_fp16(lambda x: opd_kernels.logsumexp(x, **ON), reference.logsumexp, s)
+    _check_fp16(lambda x: opd_kernels.token_logprobs(x, tokens, **ON),
                 lambda x: reference.token_logprobs(x, tokens), s)
     for objective, params in OBJECTIVE_CASES:
         ref = _per_position(objective, tokens, **params)
         _check_fp16(lambda x: opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens,
-                                                   reduction="none", **params, **TRITON),
+                                                   reduction="none", **params, **ON),
                     lambda x: ref(x, t), s)
 
 
@@ -241,31 +252,31 @@ def test_topk_overlap(k):
     s, t = _tied(6, vocab, seed=15), _tied(6, vocab, seed=16)
     t[1] = s[1]                             # full overlap
     t[2] = -s[2]                            # (near) empty overlap: advantage NaN where empty
-    stats = opd_kernels.topk_overlap(s, t, k=k, temperature=0.5, **TRITON)
+    stats = opd_kernels.topk_overlap(s, t, k=k, temperature=0.5, **ON)
     _close_stats(stats, reference.topk_overlap(s.double(), t.double(), k, 0.5))
 
 
 def test_topk_overlap_k_equals_vocab_and_mask():
     s, t = _tied(2, 3, 7, seed=17), _tied(2, 3, 7, seed=18)
     mask = _masks((2, 3))["some"]
-    stats = opd_kernels.topk_overlap(s, t, k=7, mask=mask, **TRITON)
+    stats = opd_kernels.topk_overlap(s, t, k=7, mask=mask, **ON)
     ref = reference.topk_overlap(s.double(), t.double(), 7)
     _close_stats(stats, ref, mask)
     assert stats.summary()["overlap"] == pytest.approx(1.0)
-    none = opd_kernels.topk_overlap(s, t, k=2, mask=torch.zeros(2, 3, dtype=torch.bool), **TRITON)
+    none = opd_kernels.topk_overlap(s, t, k=2, mask=torch.zeros(2, 3, dtype=torch.bool), **ON)
     assert all(torch.isnan(v).all() for v in none.tensors().values())
 
 
 def test_topk_overlap_split_rows_large_vocab(split_rows):
     s, t = _tied(2, 1000, seed=19), _tied(2, 1000, seed=20)
-    stats = opd_kernels.topk_overlap(s, t, k=16, **TRITON)
+    stats = opd_kernels.topk_overlap(s, t, k=16, **ON)
     _close_stats(stats, reference.topk_overlap(s.double(), t.double(), 16))
 
 
 def test_topk_overlap_vocab_50257():
     s, t = _logits(2, 50257, seed=21), _logits(2, 50257, seed=22)
     t[1] = s[1] + 0.1 * t[1]
-    stats = opd_kernels.topk_overlap(s, t, k=16, **TRITON)
+    stats = opd_kernels.topk_overlap(s, t, k=16, **ON)
     _close_stats(stats, reference.topk_overlap(s.double(), t.double(), 16))
 
 
@@ -286,7 +297,7 @@ def test_opd_loss(objective, params, mask_kind, return_stats):
     def ours(x):
         out = opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens, k=k, mask=mask,
                                    temperature=tau, reduction="none", return_stats=return_stats,
-                                   **params, **TRITON)
+                                   **params, **ON)
         if return_stats:
             out, ours.stats = out
         return out
@@ -315,7 +326,7 @@ def test_softcap_teacher_inf_and_split_rows(objective, params, split_rows):
     ref = _per_position(objective, tokens, k=8, temperature=0.7, **caps, **params)
     _check(lambda x: opd_kernels.opd_loss(x, t, objective=objective, tokens=tokens, k=8,
                                           temperature=0.7, reduction="none", **caps, **params,
-                                          **TRITON),
+                                          **ON),
            lambda x: ref(x, t), s)
 
 
@@ -324,12 +335,12 @@ def test_softcap_statistics_and_single_model_ops():
     tokens = torch.tensor([0, 1, 2, 299])
     capped = lambda z, c: reference.softcapped(z, c)
     stats = opd_kernels.topk_overlap(s, t, k=8, tokens=tokens, student_softcap=5.0,
-                                     teacher_softcap=3.0, **TRITON)
+                                     teacher_softcap=3.0, **ON)
     _close_stats(stats, reference.topk_overlap(capped(s.double(), 5.0), capped(t.double(), 3.0), 8,
                                                tokens=tokens))
-    _check(lambda x: opd_kernels.logsumexp(x, softcap=5.0, **TRITON),
+    _check(lambda x: opd_kernels.logsumexp(x, softcap=5.0, **ON),
            lambda x: reference.logsumexp(capped(x, 5.0)), s)
-    _check(lambda x: opd_kernels.token_logprobs(x, tokens, softcap=5.0, **TRITON),
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, softcap=5.0, **ON),
            lambda x: reference.token_logprobs(capped(x, 5.0), tokens), s)
 
 
@@ -337,7 +348,7 @@ def test_softcap_statistics_and_single_model_ops():
 def test_topk_objective_ties_and_k(k):
     s, t = _tied(3, 100, seed=27), _logits(3, 100, seed=28)
     _, grad = _check(lambda x: opd_kernels.opd_loss(x, t, objective="topk", k=k, reduction="none",
-                                                    **TRITON),
+                                                    **ON),
                      lambda x: _per_position("topk", k=k)(x, t), s)
     assert ((grad != 0).sum(-1) <= k).all()  # the gradient lives on the k selected ids
 
@@ -348,7 +359,7 @@ def test_sampled_split_rows_with_stats(split_rows):
 
     def ours(x):
         loss, ours.stats = opd_kernels.opd_loss(x, t, objective="sampled", tokens=tokens, k=16,
-                                                reduction="none", return_stats=True, **TRITON)
+                                                reduction="none", return_stats=True, **ON)
         return loss
 
     _check(ours, lambda x: _per_position("sampled", tokens)(x, t), s)
@@ -360,11 +371,11 @@ def test_strided_rows_and_empty_batch():
     wide_s, wide_t = _logits(4, 300, seed=31), _logits(4, 300, seed=32)
     s, t = wide_s[:, :250], wide_t[:, 50:]
     mask = torch.tensor([[True, False], [True, True], [False, True], [True, True]])[:, 1]
-    _check(lambda x: opd_kernels.reverse_kl(x, t, mask=mask, reduction="none", **TRITON),
+    _check(lambda x: opd_kernels.reverse_kl(x, t, mask=mask, reduction="none", **ON),
            lambda x: reference.opd_loss(x, t.to(x.dtype), "full", mask=mask, reduction="none"), s)
     empty = torch.zeros(0, 5, 7)
-    assert opd_kernels.reverse_kl(empty, empty, reduction="none", **TRITON).shape == (0, 5)
-    assert opd_kernels.logsumexp(empty, **TRITON).shape == (0, 5)
+    assert opd_kernels.reverse_kl(empty, empty, reduction="none", **ON).shape == (0, 5)
+    assert opd_kernels.logsumexp(empty, **ON).shape == (0, 5)
 
 
 def test_strided_tokens():
@@ -373,8 +384,8 @@ def test_strided_tokens():
     s, t = _logits(5, 60, seed=33), _logits(5, 60, seed=34)
     tokens = torch.randint(0, 60, (5, 2), generator=torch.Generator().manual_seed(35))[:, 1]
     assert not tokens.is_contiguous()
-    _check(lambda x: opd_kernels.token_logprobs(x, tokens, **TRITON),
+    _check(lambda x: opd_kernels.token_logprobs(x, tokens, **ON),
            lambda x: reference.token_logprobs(x, tokens), s)
     _check(lambda x: opd_kernels.opd_loss(x, t, objective="sampled", tokens=tokens,
-                                          reduction="none", **TRITON),
+                                          reduction="none", **ON),
            lambda x: _per_position("sampled", tokens)(x, t), s)

@@ -1,9 +1,12 @@
 """The backends behind one registry: each declares its capabilities; ``resolve`` picks one.
 
 "auto": the Triton backend of the call's form when every tensor is on a CUDA device in a dtype
-its kernels take, else the PyTorch path (which also serves float64, for oracle-precision use).
-"triton": the kernels, on CPU tensors only under TRITON_INTERPRET=1. "torch": the chunked
-PyTorch path. An objective whose needs a backend's passes do not produce raises, naming both.
+its kernels take, the native CPU backend when every tensor is on the CPU in a dtype it takes
+(fp32, bf16), else the PyTorch path (which also serves float64, for oracle-precision use).
+"triton": the kernels, on CPU tensors only under TRITON_INTERPRET=1. "cpp": the native CPU
+kernels (csrc/, built on first use by native.py; unavailable, after one warning, where they
+cannot be built). "torch": the chunked PyTorch path. An objective whose needs a backend's
+passes do not produce raises, naming both.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ import os
 
 import torch
 
+from . import native
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 
-NAMES = ("auto", "triton", "torch")
+NAMES = ("auto", "triton", "cpp", "torch")
 # module -> (name, forms) of the backend it defines; a module is imported when first asked for
 _MODULES = {"torch": ("torch", {"logits", "fused_linear"}), "triton_logits": ("triton", {"logits"}),
-            "triton_fused": ("triton", {"fused_linear"})}
+            "triton_fused": ("triton", {"fused_linear"}), "cpp_logits": ("cpp", {"logits"}),
+            "cpp_fused": ("cpp", {"fused_linear"})}
 _loaded: dict = {}
 
 
@@ -34,6 +39,8 @@ def _find(name: str, form: str):
     for module, (backend_name, forms) in _MODULES.items():
         if backend_name == name and form in forms:
             if name == "triton" and not _triton_available():
+                return None
+            if name == "cpp" and not native.available():
                 return None
             if module not in _loaded:
                 _loaded[module] = importlib.import_module(f"{__name__}.{module}").BACKEND
@@ -76,17 +83,21 @@ def resolve(name: str, form: str, tensors, *, objective=None, needs=frozenset(),
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     tensors = [t for t in tensors if t is not None]
     if name == "auto":
-        on_gpu = all(t.is_cuda for t in tensors)
-        triton_backend = _find("triton", form) if on_gpu else None
-        if (triton_backend is not None
-                and _refuse(triton_backend, tensors, k) is None
-                and (triton_backend.capabilities.served_teacher if served
-                     else needs <= triton_backend.capabilities.quantities)):
-            return triton_backend
+        kernels = ("triton" if all(t.is_cuda for t in tensors)
+                   else "cpp" if all(t.device.type == "cpu" for t in tensors) else None)
+        fast = _find(kernels, form) if kernels else None
+        if (fast is not None
+                and _refuse(fast, tensors, k) is None
+                and (fast.capabilities.served_teacher if served
+                     else needs <= fast.capabilities.quantities)):
+            return fast
         name = "torch"
     backend = _find(name, form)
     if backend is None:
-        raise ValueError(f"backend={name!r} needs the triton package, which is not installed")
+        raise ValueError(f"backend={name!r} needs the triton package, which is not installed"
+                         if name == "triton" else
+                         f"backend={name!r} needs the native CPU kernels, which could not be "
+                         f"built or loaded here (see the warning); use backend='torch'")
     refusal = _refuse(backend, tensors, k)
     if refusal is not None:
         raise refusal

@@ -53,6 +53,7 @@ from ..objectives import GradForm, Need, PassResults, reads_full_teacher
 from ..stats import TopKStats
 from . import _interpreter_compat  # noqa: F401  (before any launch under TRITON_INTERPRET=1)
 from . import triton_fused_grad as fused_grad
+from . import triton_logits
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 from .triton_fused_grad import Backward, Side, tiles
 
@@ -298,7 +299,8 @@ class TritonFusedBackend(Backend):
                 and fused_grad.wants_grad(call.student) and reads_full_teacher(objective_needs)):
             # the teacher's full product is paid anyway: the gradient rides the forward's scratch
             value, stats = fused_grad.reduced_loss(call, s, t, call.needs, call.tokens,
-                                                   call.return_stats, SCRATCH_BYTES)
+                                                   call.return_stats, SCRATCH_BYTES,
+                                                   triton_logits.KERNELS)
             return LossResult(value, reduced=True, stats=stats)
         p = _passes(call, s, t, objective_needs, call.return_stats)
         with torch.no_grad():

@@ -8,9 +8,10 @@ from an objective's GradForm, by recomputation in the backward or inside the for
   fused_linear_topk.py's kernels and adds to the same buffers (k-sparse: nothing of size V).
   Any upstream gradient works.
 - Gradient in the forward (``dense_loss_and_grads``): per token chunk both lm_head products once
-  by cuBLAS into an fp32 scratch (the bias added in place), the logits backend's passes and
-  gradient over it (backends/triton_logits.py), then the same GEMMs; the backward only scales
-  dh, dW and db by the upstream scalar.
+  by cuBLAS into an fp32 scratch (the bias added in place), a logits backend's passes and
+  gradient over it (logits_form.py, with the kernels it is given: the Triton ones here, the
+  native ones for backends/cpp_fused.py), then the same GEMMs; the backward only scales dh, dW
+  and db by the upstream scalar.
 dW and db are accumulated in place (dW in ``weight_grad_dtype``, fp32 by default; db in fp32),
 then cast to the parameter's dtype: an fp32 master weight beside bf16 activations gets its
 gradient in fp32 with no bf16 rounding of the sum.
@@ -29,7 +30,7 @@ from ..kernels.fused_linear_topk import (fused_linear_sparse_grad_kernel,
                                          fused_linear_sparse_weight_grad_kernel)
 from ..objectives import GradForm
 from ..stats import TopKStats
-from . import triton_logits
+from . import logits_form
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def _row_weight(mask, n, reduction, device) -> torch.Tensor:
 
 
 def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: bool,
-                 scratch_bytes: int):
+                 scratch_bytes: int, kernels: logits_form.Kernels):
     """The loss reduced to a scalar ('mean' or 'sum') with dLoss/dh_s, dW_s, db_s computed in the
     forward, and the chunks' TopKStats ``with_stats`` (``needs`` then holds the statistics' too).
 
@@ -298,8 +299,8 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
     fp32 [chunk, K] logits of each model and dL/du in the activations' dtype (``scratch_bytes``):
       1. u_s = h_s W_s^T (+ b_s) and u_t likewise by cuBLAS, once each, fp32 output (no rounding
          of the logits);
-      2. the logits backend's passes over both (lse, both KLs, token log-probs, mixture sums,
-         top-k statistics as asked: one read), then the objective's from_passes;
+      2. the logits-form passes (``kernels``) over both (lse, both KLs, token log-probs, mixture
+         sums, top-k statistics as asked: one read), then the objective's from_passes;
       3. its gradient pass writing dL/du (the row weights in its per-row scale; 1/tau and the
          soft-cap's derivative inside);
       4. dh[chunk] = dL/du W_s, dW += dL/du^T h_s, db += sum_rows dL/du (fp32 accumulators).
@@ -314,7 +315,7 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
     mask = None if call.mask is None else call.mask.contiguous()
     row_weight = _row_weight(mask, n, call.reduction, device)
     total, stats = _chunks(call, s, t, needs, tokens, mask, row_weight, with_stats,
-                           (grad_hidden, grad_weight, grad_bias), scratch_bytes)
+                           (grad_hidden, grad_weight, grad_bias), scratch_bytes, kernels)
     with torch.no_grad():
         # the scratch is freed (_chunks returned): the accumulators are cast (fp32 by default)
         # and freed before the backward
@@ -325,7 +326,7 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
 
 
 def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats, grads,
-            scratch_bytes) -> tuple:
+            scratch_bytes, kernels) -> tuple:
     """Steps 1-4 of ``reduced_loss`` over every token chunk: (sum of the counted rows' values,
     the chunks' TopKStats); the gradients go into ``grads`` (dh, dW, db accumulators or None)."""
     n, k, device = s.hidden.shape[0], call.vocab_size, s.hidden.device
@@ -349,17 +350,17 @@ def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats,
             logits_into(z, side.hidden[rows], side.weight[:k])
             if side.bias is not None:
                 z += side.bias[:k]
-        r, rp = triton_logits.passes(
-            z_s, z_t, needs=needs, tokens=None if tokens is None else tokens[rows],
+        r, rp = logits_form.passes(
+            kernels, z_s, z_t, needs=needs, tokens=None if tokens is None else tokens[rows],
             mask=chunk_mask, k=call.k, beta=call.params.get("beta", 0.5), **settings)
         values, form = call.objective.from_passes(r, **call.params)
         if chunk_mask is not None:
             values = torch.where(chunk_mask, values, torch.zeros_like(values))
         total += values.float().sum()
         scale = row_weight.expand(m) if chunk_mask is None else torch.where(chunk_mask, row_weight, 0.0)
-        triton_logits.gradient(z_s, z_t, rp, form, scale.float().contiguous(), mask=chunk_mask,
-                               out=g, **settings)
+        logits_form.gradient(kernels, z_s, z_t, rp, form, scale.float().contiguous(),
+                             mask=chunk_mask, out=g, **settings)
         accumulate(g, s, rows, *grads)
         if with_stats:
-            stats.append(triton_logits.stats(rp, r))
+            stats.append(logits_form.stats(rp, r))
     return total, stats

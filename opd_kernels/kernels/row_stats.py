@@ -54,16 +54,12 @@ import triton
 import triton.language as tl
 
 from opd_kernels.aot import AOTSpec
+from opd_kernels.kernels.row_fields import FIELDS
 from opd_kernels.kernels.online_softmax import fold_max, lane_step, moved, softcapped
 from opd_kernels.kernels.topk_select import (MIN_KEY, insert_topk, no_keys, pack_keys, unpack_ids,
                                              unpack_values)
 
-# Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output. lse = max + logsum is kept split
-# too: near |z| = 1e4 an fp32 lse is off by ~1e-3, so log p = (x - max) - logsum is computed
-# from the parts (in the backward as well) to keep p to fp32 precision.
-FIELDS = ("lse_s", "lse_t", "max_s", "max_t", "logsum_s", "logsum_t", "kl", "forward_kl",
-          "student_logprob", "teacher_logprob", "student_entropy", "teacher_entropy", "overlap",
-          "student_mass", "teacher_mass", "overlap_advantage")
+# Rows of the finalize kernel's [NUM_FIELDS, N] fp32 output (row_fields.py).
 NUM_FIELDS = tl.constexpr(len(FIELDS))
 (_LSE_S, _LSE_T, _MAX_S, _MAX_T, _LOGSUM_S, _LOGSUM_T, _KL, _FORWARD_KL, _LOGPROB_S, _LOGPROB_T,
  _H_S, _H_T, _OVERLAP, _MASS_S, _MASS_T, _ADVANTAGE) = (tl.constexpr(i) for i in range(len(FIELDS)))

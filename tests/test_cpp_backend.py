@@ -1,0 +1,218 @@
+"""What is specific to the native CPU backend (csrc/, backends/cpp_logits.py, cpp_fused.py): its
+custom ops (torch.library.opcheck, torch.compile), bf16 inputs against the float64 oracle, the
+registry's choice, the fallback when the extension cannot be built, and its memory. The
+objectives, edge cases and bad input run on it in the backend-parametrized suites
+(test_triton_logits.py, test_triton_fused_objectives.py, test_edge_cases.py, test_errors.py,
+test_served_teacher.py)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import opd_kernels as O
+from opd_kernels import backends, objectives, reference
+from opd_kernels.backends import native
+
+OPS = native.ops()
+needs_native = pytest.mark.skipif(OPS is None, reason="the native extension could not be built")
+
+
+def _logits(n, v, seed, dtype=torch.float32):
+    return (torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+# ---- the custom ops --------------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    s, t = _logits(5, 300, 0, dtype), _logits(5, 300, 1, dtype)
+    # no NaN in the outputs (opcheck's comparison takes NaN for a mismatch): every row counted,
+    # and a teacher close to the student, so that S and T always meet
+    tokens, mask = torch.tensor([0, 3, 299, 7, 1]), torch.ones(5, dtype=torch.bool)
+    near = (s.float() * 1.3 + 0.1 * t.float()).to(dtype)
+    for args in [(s, None, None, None, 0, 1.0, 0.0, 0.0), (s, near, tokens, mask, 4, 0.7, 0.0, 3.0),
+                 (s[:, :200], None, None, None, 200, 2.0, 5.0, 0.0)]:
+        torch.library.opcheck(OPS.row_pass.default, args)
+    fields, _ = OPS.row_pass(s, t, None, mask, 0, 0.7, 0.0, 0.0)
+    torch.library.opcheck(OPS.mixture.default, (s, t, fields, mask, 0.7, 0.0, 0.0, 0.3))
+    shift, scale = torch.randn(5), torch.rand(5)
+    for teacher, w in [(t, (1.0, 0.0, 0.0)), (t, (0.0, -1.0, 0.0)), (t, (0.0, 0.0, 0.7)), (None, (0.0,) * 3)]:
+        out = torch.empty(5, 300, dtype=dtype)
+        torch.library.opcheck(OPS.dense_grad.default,
+                              (s, teacher, fields, shift, scale, mask, 0.7, 0.0, 0.0, *w, 0.3, out))
+
+
+@needs_native
+def test_ops_name_their_bad_arguments():
+    s = _logits(3, 10, 0)
+    with pytest.raises(RuntimeError, match="teacher must match"):
+        OPS.row_pass(s, _logits(3, 11, 1), None, None, 0, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="student must be float32 or bfloat16"):
+        OPS.row_pass(s.half(), None, None, None, 0, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous \\[3\\] tensor"):
+        OPS.row_pass(s, None, None, torch.ones(2, dtype=torch.bool), 0, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="tokens must lie in \\[0, 10\\)"):
+        OPS.row_pass(s, None, torch.tensor([0, 10, 1]), None, 0, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="k must lie in \\[0, 10\\]"):
+        OPS.row_pass(s, None, None, None, 11, 1.0, 0.0, 0.0)
+
+
+@needs_native
+def test_torch_compile_holds_the_ops():
+    """A compiled graph holds the ops (fullgraph: no break around them), and a compiled
+    forward+backward through the public loss equals the eager one."""
+    s, t = _logits(4, 500, 2), _logits(4, 500, 3)
+    lse = torch.compile(lambda z: OPS.row_pass(z, None, None, None, 0, 1.0, 0.0, 0.0)[0][0],
+                        backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(lse(s), torch.logsumexp(s, -1))
+
+    def step(x):
+        loss = O.opd_loss(x, t, objective="jsd", beta=0.3, backend="cpp")
+        loss.backward()
+        return loss.detach(), x.grad
+
+    compiled = torch.compile(step, backend="aot_eager")
+    eager_loss, eager_grad = step(s.clone().requires_grad_())
+    loss, grad = compiled(s.clone().requires_grad_())
+    assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+
+
+# ---- bf16 against the float64 oracle -----------------------------------------------------------
+
+@pytest.mark.parametrize("objective,params", [(n, {}) for n in objectives.names() if n != "jsd"]
+                         + [("jsd", {"beta": 0.3})])
+@needs_native
+def test_bf16_logits_against_float64(objective, params):
+    """bf16 logits are read exactly (fp32 accumulation): the values to fp32 accuracy of the
+    float64 oracle on the same bf16 numbers; the gradient comes back in bf16: one rounding
+    (2^-8 relative), or, for a form with a dense and a sparse part (sampled, topk_pg), each part
+    rounded and their sum rounded again, as on the Triton kernels (terms near the largest
+    gradient element: up to 4 roundings of it)."""
+    both_parts = objective in ("sampled", "topk_pg")
+    s, t = _logits(6, 700, 4, torch.bfloat16), _logits(6, 700, 5, torch.bfloat16)
+    tokens = torch.tensor([0, 5, 699, 100, 3, 8])
+    x = s.clone().requires_grad_()
+    value = O.opd_loss(x, t, objective=objective, tokens=tokens, k=8, reduction="none",
+                       backend="cpp", **params)
+    value.sum().backward()
+    x64 = s.double().requires_grad_()
+    truth = reference.opd_loss(x64, t.double(), objective, tokens=tokens, k=8, reduction="none",
+                               **params)
+    truth.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    scale = lambda r: r.abs().max().clamp(min=1e-12)
+    assert ((value.double() - truth).abs().max() / scale(truth)) < 2e-5
+    roundings = 4 if both_parts else 1
+    assert ((x.grad.double() - x64.grad).abs().max() / scale(x64.grad)) < roundings * 2**-8
+
+
+@needs_native
+def test_bf16_fused_linear_against_float64():
+    g = torch.Generator().manual_seed(6)
+    hs, ws = torch.randn(9, 32, generator=g).bfloat16(), (torch.randn(400, 32, generator=g) * 0.3).bfloat16()
+    ht, wt = torch.randn(9, 16, generator=g).bfloat16(), (torch.randn(400, 16, generator=g) * 0.3).bfloat16()
+    for reduction in ("none", "mean"):
+        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        loss = O.fused_linear_opd_loss(h, w, ht, wt, objective="full", reduction=reduction,
+                                       backend="cpp")
+        loss.sum().backward()
+        h64, w64 = hs.double().requires_grad_(), ws.double().requires_grad_()
+        truth = reference.opd_loss(h64 @ w64.T, ht.double() @ wt.double().T, "full",
+                                   reduction=reduction)
+        truth.sum().backward()
+        assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(loss.double(), truth, rtol=2e-5, atol=1e-6)
+        for ours, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+            assert ((ours.double() - want).abs().max() / want.abs().max()) < 8e-3
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+@needs_native
+def test_auto_picks_the_native_backend_for_cpu_fp32_and_bf16():
+    z = torch.randn(2, 8)
+    for form in ("logits", "fused_linear"):
+        assert backends.resolve("auto", form, [z]).name == "cpp"
+        assert backends.resolve("auto", form, [z.bfloat16()]).name == "cpp"
+        assert backends.resolve("auto", form, [z.double()]).name == "torch"
+    assert backends.resolve("auto", "logits", [z.half()]).name == "torch"
+    with pytest.raises(TypeError, match="backend='cpp' takes"):
+        backends.resolve("cpp", "logits", [z.double()])
+
+
+# ---- no extension: the warning and the PyTorch path --------------------------------------------
+
+FALLBACK = textwrap.dedent("""
+    import warnings
+    import torch
+    import opd_kernels as O
+    from opd_kernels import backends
+    s, t = torch.randn(3, 50), torch.randn(3, 50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = [backends.resolve("auto", form, [s]).name for form in ("logits", "fused_linear")]
+        loss = O.reverse_kl(s, t)
+        try:
+            O.reverse_kl(s, t, backend="cpp")
+            forced = "ran"
+        except ValueError as error:
+            forced = str(error)
+    ours = [str(w.message) for w in caught if "native CPU kernels" in str(w.message)]
+    torch.testing.assert_close(loss, O.reverse_kl(s, t, backend="torch"))
+    print(repr((chosen, len(ours), ours[0] if ours else "", forced)))
+""")
+
+
+@pytest.mark.parametrize("how", ["disabled", "no compiler"])
+def test_without_the_extension_a_warning_and_the_pytorch_path(how, tmp_path):
+    env = dict(os.environ)
+    if how == "disabled":
+        env[native.DISABLE_ENV] = "1"
+    else:  # a fresh extension cache and a compiler that does not exist
+        env.update(TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-c++"))
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    chosen, warned, message, forced = eval(out.stdout.strip().splitlines()[-1])
+    assert chosen == ["torch", "torch"]
+    assert warned == 1 and "the PyTorch path runs instead" in message
+    assert "backend='cpp' needs the native CPU kernels" in forced
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+MEMORY = textwrap.dedent("""
+    import json, torch
+    import opd_kernels as O
+    N, V, H = 2048, 65536, 64
+    torch.manual_seed(0)
+    hs, ws = (torch.randn(N, H) * 0.3).requires_grad_(), (torch.randn(V, H) * 0.3).requires_grad_()
+    ht, wt = torch.randn(N, H) * 0.3, torch.randn(V, H) * 0.3
+    O.fused_linear_opd_loss(hs[:8], ws[:64], ht[:8], wt[:64], objective="full", backend="cpp").backward()
+    ws.grad = hs.grad = None
+    # the peak from here on (Linux: "5" resets VmHWM), over the resident size here, in KiB
+    status = lambda key: int(next(line.split()[1] for line in open("/proc/self/status")
+                                  if line.startswith(key + ":")))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    O.fused_linear_opd_loss(hs, ws, ht, wt, objective="full", backend="cpp").backward()
+    peak = status("VmHWM")
+    print(json.dumps({"extra_mib": (peak - base) / 1024, "finite": bool(torch.isfinite(ws.grad).all())}))
+""")
+
+
+@needs_native
+def test_fused_full_forward_backward_grows_the_resident_size_by_under_64_mib():
+    """At N = 2048, V = 65536, H = 64 (one [N, V] fp32 tensor: 512 MiB), under the allocator a
+    user's process has (glibc's defaults, no tuning variable): the chunk buffers and dW only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MEMORY], capture_output=True, text=True,
+                         check=True, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["finite"] and result["extra_mib"] < 64, result
