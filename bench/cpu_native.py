@@ -22,7 +22,6 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference
-from opd_kernels.backends import cpp_fused
 
 N, V, H = 2048, 65536, 64
 LOGITS_N, LOGITS_V = 512, 32000  # the CPU preset's largest logits shape (registry.CPU_SMALL)
@@ -46,6 +45,8 @@ def _fused_full(backend, hs, ws, ht, wt):
 
 def _four_products(hs, ws, ht, wt):
     """The lm_head products of the gradient-in-forward path alone, over its row chunks (fp32)."""
+    from opd_kernels.backends import cpp_fused  # importable where the extension is built
+
     hs, ws, ht, wt = (t.float() for t in (hs, ws, ht, wt))
     rows = max(1, cpp_fused.SCRATCH_BYTES // (V * 12))
     z_s, z_t = torch.empty(rows, V), torch.empty(rows, V)
@@ -111,14 +112,21 @@ RSS_SCRIPT = textwrap.dedent("""
         f.write("5")
     base = status("VmRSS")
     ok.fused_linear_opd_loss(hs, ws, ht, wt, objective="full", backend=backend).backward()
+    if not (torch.isfinite(ws.grad).all() and torch.isfinite(hs.grad).all()):
+        sys.exit("the gradients are not finite")
     print(json.dumps((status("VmHWM") - base) / 1024))
 """).format(N=N, V=V, H=H)
 
 
-def _rss_growth_mib(backend: str) -> float:
+def rss_growth_mib(backend: str) -> float:
+    """The peak resident-size growth (MiB) of the fused ``full`` forward+backward at N, V, H in
+    a fresh process, under the allocator a user's process has (glibc's defaults: no MALLOC_*
+    variable); the tests hold the backends to it too."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, backend], capture_output=True,
-                         text=True, check=True, env=env)
+                         text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {backend} run failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -145,7 +153,7 @@ def measure(log=print) -> dict:
         result["scaling"][count] = _best_ms({name: (lambda fn=fn: fn("cpp")) for name, fn in ops.items()})
     torch.set_num_threads(threads)
     log(f"scaling: {result['scaling']}")
-    result["rss_growth_mib"] = {backend: _rss_growth_mib(backend) for backend in ("cpp", "torch")}
+    result["rss_growth_mib"] = {backend: rss_growth_mib(backend) for backend in ("cpp", "torch")}
     log(f"rss: {result['rss_growth_mib']}")
     return result
 

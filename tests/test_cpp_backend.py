@@ -4,7 +4,6 @@ registry's choice, the fallback when the extension cannot be built, and its memo
 objectives, edge cases and bad input run on it in the backend-parametrized suites
 (test_triton_logits.py, test_triton_fused_objectives.py, test_edge_cases.py, test_errors.py,
 test_served_teacher.py)."""
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import opd_kernels as O
+from bench import cpu_native
 from opd_kernels import backends, objectives, reference
 from opd_kernels.backends import native
 
@@ -186,33 +186,8 @@ def test_without_the_extension_a_warning_and_the_pytorch_path(how, tmp_path):
 
 # ---- memory ------------------------------------------------------------------------------------
 
-MEMORY = textwrap.dedent("""
-    import json, torch
-    import opd_kernels as O
-    N, V, H = 2048, 65536, 64
-    torch.manual_seed(0)
-    hs, ws = (torch.randn(N, H) * 0.3).requires_grad_(), (torch.randn(V, H) * 0.3).requires_grad_()
-    ht, wt = torch.randn(N, H) * 0.3, torch.randn(V, H) * 0.3
-    O.fused_linear_opd_loss(hs[:8], ws[:64], ht[:8], wt[:64], objective="full", backend="cpp").backward()
-    ws.grad = hs.grad = None
-    # the peak from here on (Linux: "5" resets VmHWM), over the resident size here, in KiB
-    status = lambda key: int(next(line.split()[1] for line in open("/proc/self/status")
-                                  if line.startswith(key + ":")))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-    O.fused_linear_opd_loss(hs, ws, ht, wt, objective="full", backend="cpp").backward()
-    peak = status("VmHWM")
-    print(json.dumps({"extra_mib": (peak - base) / 1024, "finite": bool(torch.isfinite(ws.grad).all())}))
-""")
-
-
 @needs_native
 def test_fused_full_forward_backward_grows_the_resident_size_by_under_64_mib():
     """At N = 2048, V = 65536, H = 64 (one [N, V] fp32 tensor: 512 MiB), under the allocator a
     user's process has (glibc's defaults, no tuning variable): the chunk buffers and dW only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", MEMORY], capture_output=True, text=True,
-                         check=True, env=env)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["finite"] and result["extra_mib"] < 64, result
+    assert cpu_native.rss_growth_mib("cpp") < 64
