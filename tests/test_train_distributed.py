@@ -227,3 +227,23 @@ def test_torchrun_with_a_step_that_does_not_split(setup, tmp_path):
     assert proc.returncode != 0
     assert "error: --prompts-per-step 3 x --rollouts-per-prompt 1 = 3 rollouts a step do not split " \
            "evenly over 2 processes" in proc.stderr + proc.stdout
+
+
+def test_the_embedded_default_on_two_processes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m opd_train`` as the README gives it (two steps, the demo
+    models trained by rank 0 into an empty cache while the other waits): the run folder of one
+    process, a sharded checkpoint with each rank's RNG state and a Hugging Face export."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                           "-m", "opd_train", "--steps", "2", "--output-dir", str(out),
+                           "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, env=_environment())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    step = out / "checkpoints" / "step-000002"
+    assert {p.name for p in step.iterdir()} >= {"dcp", "model", "rng-rank-0.pt", "rng-rank-1.pt"}
+    exported = load_file(str(step / "model" / "model.safetensors"))
+    assert exported and all(torch.isfinite(t).all() for t in exported.values())
+    assert (out / "eval.json").exists() and (out / "diagnostics.png").exists()
