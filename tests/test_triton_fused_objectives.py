@@ -47,8 +47,9 @@ def _compare(ours, truth, rtol=RTOL):
 
 def _case(objective, params, *, n=5, vocab=300, hs=32, ht=48, reduction="none",
           grad_in_forward=True, mask="some", tau=0.7, student_softcap=None, teacher_softcap=None,
-          student_bias=False, teacher_bias=False, seed=0):
-    """(ours, truth): value and gradients of the same loss from the kernels and from float64."""
+          student_bias=False, teacher_bias=False, seed=0, vocab_size=None):
+    """(ours, truth): value and gradients of the same loss from the kernels and from float64
+    (``vocab_size``: the ids scored, below the lm_heads' rows: padding)."""
     x = _inputs(n, vocab, hs, ht, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     student = dict(h=x["student_hidden"], w=x["student_weight"])
@@ -56,6 +57,8 @@ def _case(objective, params, *, n=5, vocab=300, hs=32, ht=48, reduction="none",
         student["b"] = torch.randn(vocab, generator=g)
     b_t = torch.randn(vocab, generator=g) if teacher_bias else None
     ht_, wt, y, m = x["teacher_hidden"], x["teacher_weight"], x["tokens"], _mask(mask, n)
+    if vocab_size is not None:
+        y = y % vocab_size
     upstream = x["upstream"] if reduction == "none" else torch.tensor(2.5, dtype=torch.float64)
     common = dict(tokens=y, k=4, mask=m, temperature=tau, reduction=reduction,
                   student_softcap=student_softcap, teacher_softcap=teacher_softcap, **params)
@@ -63,11 +66,13 @@ def _case(objective, params, *, n=5, vocab=300, hs=32, ht=48, reduction="none",
     def ours(h, w, b=None):
         return opd_kernels.fused_linear_opd_loss(
             h, w, ht_, wt, objective=objective, student_bias=b, teacher_bias=b_t,
-            grad_in_forward=grad_in_forward, **ON, **common)
+            grad_in_forward=grad_in_forward, vocab_size=vocab_size, **ON, **common)
 
     def ref(h, w, b=None):
-        z_t = reference.linear_logits(ht_.double(), wt.double(), None, None if b_t is None else b_t.double())
-        return reference.opd_loss(reference.linear_logits(h, w, None, b), z_t, objective, **common)
+        z_t = reference.linear_logits(ht_.double(), wt.double(), vocab_size,
+                                      None if b_t is None else b_t.double())
+        return reference.opd_loss(reference.linear_logits(h, w, vocab_size, b), z_t, objective,
+                                  **common)
 
     return (_grads(ours, student, upstream),
             _grads(ref, {k: v.double() for k, v in student.items()}, upstream))
@@ -77,6 +82,16 @@ def _case(objective, params, *, n=5, vocab=300, hs=32, ht=48, reduction="none",
 @pytest.mark.parametrize("objective,params", OBJECTIVES)
 def test_every_objective_matches_reference(objective, params, reduction, grad_in_forward):
     _compare(*_case(objective, params, reduction=reduction, grad_in_forward=grad_in_forward))
+
+
+@pytest.mark.parametrize("reduction,grad_in_forward", [("none", True), ("mean", True), ("sum", False)])
+@pytest.mark.parametrize("objective,params", [("full", {}), ("jsd", {"beta": 0.3}), ("sampled", {}),
+                                              ("topk", {})])
+def test_padded_lm_heads(objective, params, reduction, grad_in_forward):
+    """vocab_size below the lm_heads' rows: the padding rows are never scored, and their
+    gradient (weight and bias) is zero, in the weight's own shape."""
+    _compare(*_case(objective, params, reduction=reduction, grad_in_forward=grad_in_forward,
+                    vocab_size=291, student_bias=True))
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])

@@ -131,18 +131,6 @@ def _sparse_backward(side: Side, rows: slice, ids, du, grads) -> None:
         grad_bias.index_add_(0, flat, du.reshape(-1))
 
 
-class _FromPlan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, values, plan):
-        ctx.plan = plan
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        dh, dw, db = ctx.plan(grad.float(), *ctx.needs_input_grad[:3])
-        return dh, dw, db, None, None
-
-
 def _sparse_du(form: GradForm, z_s: torch.Tensor, s: Side, temperature: float):
     """A sparse-only form's dL/du at its ids (softcap'(z) / tau applied, z from the chunk's
     logits), for the backward to apply without the chunk's logits; None for a dense form."""
@@ -212,10 +200,8 @@ class CppFusedBackend(Backend):
         return _gathered(parts, with_stats)
 
     def _attach(self, model, values, s, t, call_like, chunks):
-        if not fused_grad.wants_grad(model):
-            return values
         plan = _Plan(s, t, call_like.vocab_size, call_like.temperature, call_like.mask, chunks)
-        return _FromPlan.apply(model.hidden, model.weight, model.bias, values, plan)
+        return fused_grad.attach(model, values, plan)
 
     def _single(self, model: Model, temperature, vocab_size, tokens, value_and_form):
         s = _side(model)
