@@ -68,7 +68,7 @@ def _data(cfg, world: World = SINGLE) -> dict:
             "student": cfg.student, "teacher": cfg.teacher}
 
 
-def _pair(cfg, student_path: str, teacher_path: Optional[str], world: World = SINGLE) -> tuple:
+def load_pair(cfg, student_path: str, teacher_path: Optional[str], world: World = SINGLE) -> tuple:
     """Load the student and the teacher (``teacher_path`` None: connect to the served one), check
     they can be paired for the chosen objective, and shard both over ``world``'s processes when
     there are several; returns (pair, the tokenizer to batch with, the teacher's or None, the
@@ -148,7 +148,7 @@ def run(cfg, world: World = SINGLE) -> tuple:
                          f"{world.size}: resume it on as many (torchrun --nproc-per-node, --nnodes)")
     if state is not None:
         state["checkpoint"] = resume_from
-    pair, tokenizer, teacher_tok, own_tok = _pair(cfg, model_dir(resume_from) if resume_from else data["student"],
+    pair, tokenizer, teacher_tok, own_tok = load_pair(cfg, model_dir(resume_from) if resume_from else data["student"],
                                                   data["teacher"], world)
     # Every check has passed: only now does the folder become a run's.
     if world.main:

@@ -159,9 +159,9 @@ def test_k_larger_than_the_vocabulary(setup, tmp_path, objective):
     spec = objectives.get(objective)
     if Need.SUPPORT in spec.needs(spec.check_params(cfg.objective_params)):
         with pytest.raises(UsageError, match="share only 22 ids"):
-            cli._pair(cfg, str(setup / "student"), str(setup / "teacher"))
+            cli.load_pair(cfg, str(setup / "student"), str(setup / "teacher"))
     else:
-        cli._pair(cfg, str(setup / "student"), str(setup / "teacher"))
+        cli.load_pair(cfg, str(setup / "student"), str(setup / "teacher"))
         assert cfg.k == 22
 
 

@@ -18,8 +18,8 @@ from .. import cli, heldout
 from ..checkpoint import STEP_PREFIX, model_dir
 from ..config import Config, resolve
 from ..evaluate import accuracy
-from ..loss import PairedModels, statistics
-from ..models import load_model, output_head
+from ..loss import statistics
+from ..models import load_model
 from ..rollout import generate
 from ..runlog import read_rows
 from ..task import check_reference
@@ -109,16 +109,12 @@ def _benchmark(cfg: Config, arm: Arm, world: World, questions: list, models: dic
 def _entropy_by_position(cfg: Config, prompts: list, teacher_dir: str, students: list) -> dict:
     """{step: the student's mean entropy over each RESPONSE_PARTS-th of its responses} on
     ``prompts``, sampled with one seed, for each (step, model folder) of ``students``."""
-    teacher, tokenizer, _ = load_model(teacher_dir, torch.float32, cfg.device)
-    teacher_head = output_head(teacher, "teacher")
     out = {}
     for step, path in students:
-        student, _, _ = load_model(path, torch.float32, cfg.device)
-        student_head = output_head(student, "student")
-        pair = PairedModels(student, teacher, student_head, teacher_head,
-                            min(student_head.weight.shape[0], teacher_head.weight.shape[0]), torch.float32)
+        pair, tokenizer, _, _ = cli.load_pair(cfg, path, teacher_dir)
         torch.manual_seed(cfg.seed)
-        batch, _ = generate(student, tokenizer, prompts, cfg.max_new_tokens, cfg.sampling_temperature)
+        batch, _ = generate(pair.student, tokenizer, prompts, cfg.max_new_tokens,
+                            cfg.sampling_temperature)
         stats = statistics(pair, batch, k=cfg.k, temperature=cfg.loss_temperature)
         entropy = stats.student_entropy.double().cpu().numpy()
         sums, counts = np.zeros(RESPONSE_PARTS), np.zeros(RESPONSE_PARTS)
