@@ -81,7 +81,8 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_step_like_one_on_the_same_global_batch(setup, tmp_path, monkeypatch):
+def test_two_processes_step_like_one_on_the_same_global_batch(setup, tmp_path, monkeypatch,
+                                                              one_torch_thread):
     """Greedy rollouts (the same global batch however it is split): each of two processes trains
     on half of the step's rollouts, the student sharded by FSDP2, one rollout a micro-batch
     (FSDP gathers the shards and reduce-scatters the gradient at each). The logged loss and
@@ -89,7 +90,9 @@ def test_two_processes_step_like_one_on_the_same_global_batch(setup, tmp_path, m
     would hide it) and the weights after two clipped steps equal one process's, to fp32
     rounding (the gradient is summed in another order); so do the held-out accuracy and
     diagnostics, each process taking its share of the prompts (an odd count: one process pads
-    its share, and the padding counts nowhere)."""
+    its share, and the padding counts nowhere). The one process runs on one thread, as each of
+    the two does (OMP_NUM_THREADS=1): the same GEMM summation order, so that no greedy choice
+    between near-tied tokens goes another way."""
     common = ("--steps", "2", "--objective", "full", "--max-grad-norm", "0.05",
               "--micro-batch-tokens", "20", "--eval-file", str(setup / "eval.jsonl"),
               "--eval-max-prompts", "7")
