@@ -45,10 +45,10 @@ def _fused_full(backend, hs, ws, ht, wt):
 
 def _four_products(hs, ws, ht, wt):
     """The lm_head products of the gradient-in-forward path alone, over its row chunks (fp32)."""
-    from opd_kernels.backends import cpp_fused  # importable where the extension is built
+    from opd_kernels.backends import cpp_fused, triton_fused_grad  # where the extension is built
 
     hs, ws, ht, wt = (t.float() for t in (hs, ws, ht, wt))
-    rows = max(1, cpp_fused.SCRATCH_BYTES // (V * 12))
+    rows = triton_fused_grad.scratch_rows(N, V, cpp_fused.SCRATCH_BYTES, torch.float32)
     z_s, z_t = torch.empty(rows, V), torch.empty(rows, V)
     grad_hidden, grad_weight = torch.empty(N, H), torch.zeros(V, H)
     for c0 in range(0, N, rows):

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -47,6 +48,17 @@ OPD_INLINE float hmax(vf v) {
   return m;
 }
 OPD_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
+// a b + c rounded once (the compiler would reuse a rounded a b it has computed before).
+OPD_INLINE vf fma_v(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                              reinterpret_cast<__m512>(c)));
+#else
+  vf out;
+  for (int i = 0; i < kLanes; ++i) out[i] = std::fma(a[i], b[i], c[i]);
+  return out;
+#endif
+}
 OPD_INLINE float max_f(float a, float b) { return a > b ? a : b; }
 OPD_INLINE bool any_lane(vi mask) {
   uint64_t words[sizeof(vi) / 8];
@@ -56,28 +68,27 @@ OPD_INLINE bool any_lane(vi mask) {
   return any != 0;
 }
 
-// e^x, relative error ~2 ulp (Cephes' expf polynomial); 0 below -87.3 (-inf included), +inf
-// above 88 (the kernels take e^x of x <= 0 only), NaN for NaN.
+// e^x for x <= 88 (the kernels take it of x <= 0 only), as 2^n 2^r: n = round(x log2 e) goes to
+// the exponent bits, r = x log2 e - n (one rounding, by two FMAs with log2 e split in two) in
+// [-0.5, 0.5], 2^r a degree-6 polynomial (Cephes' exp2f): ~2 ulp. 0 below -87.3 (-inf included),
+// NaN for NaN. Fewer instructions than a Cody-Waite reduction with clamps at both ends.
 OPD_INLINE vf exp_v(vf x) {
-  const vf lo = splat(-87.3f), hi = splat(88.0f);
-  vf xc = select(x < lo, lo, x);
-  xc = select(xc > hi, hi, xc);
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf out = p * reinterpret_cast<const vf&>(bits);
-  out = select(x < lo, splat(0.0f), out);
-  out = select(x > hi, splat(kInf), out);
-  return select(x != x, x, out);
+  constexpr float kLog2e = 1.44269502f, kLog2eTail = 1.9259630e-08f;  // their sum: log2 e
+  const vf t = x * kLog2e;
+  const vi underflow = t < -126.0f;  // below 2^-126: 0 (no subnormal, no bits out of range)
+  const vf magic = splat(12582912.0f + 127.0f);  // 1.5 * 2^23 + 127: adding it rounds to integer
+  const vf biased = select(underflow, splat(-126.0f), t) + magic;  // round(t) + 127 in its low bits
+  const vf n = biased - magic;
+  const vf r = fma_v(x, splat(kLog2eTail), fma_v(x, splat(kLog2e), -n));  // x log2 e - n
+  vf p = splat(1.5353362e-4f);
+  p = p * r + 1.3398875e-3f;
+  p = p * r + 9.6184369e-3f;
+  p = p * r + 5.5503324e-2f;
+  p = p * r + 2.4022648e-1f;
+  p = p * r + 6.9314718e-1f;
+  p = p * r + 1.0f;
+  const vi bits = reinterpret_cast<const vi&>(biased) << 23;  // (n + 127) << 23: 2^n
+  return select(underflow, splat(0.0f), p * reinterpret_cast<const vf&>(bits));
 }
 
 // log(x) for x > 0 (Cephes' logf polynomial), -inf at 0 (subnormals included: they only

@@ -19,7 +19,7 @@ ON = {}  # the keyword choosing the backend under test (set by the ``kernels`` f
 def kernels(request, monkeypatch):
     ON["backend"] = request.param
     if request.param == "cpp":  # chunks of two rows: the chunks' results are merged in every test
-        monkeypatch.setattr("opd_kernels.backends.cpp_fused.SCRATCH_BYTES", 2 * 3 * 4 * 320)
+        monkeypatch.setattr("opd_kernels.backends.cpp_fused.SCRATCH_BYTES", 2 * 2 * 4 * 320)
     return request.param
 
 

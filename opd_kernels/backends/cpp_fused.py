@@ -6,8 +6,8 @@ grows by the buffers, not by N.
 
 - A scalar loss ('mean' / 'sum') whose objective reads the teacher in full, with a student that
   needs gradients: the gradient in the forward (triton_fused_grad.reduced_loss, over these
-  kernels): per chunk the two lm_head products, the passes, dL/dz in place in a third buffer,
-  then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the floor.
+  kernels): per chunk the two lm_head products, the passes, dL/dz written over the teacher's
+  logits, then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the floor.
 - Otherwise (reduction 'none', ``topk``, no gradient needed): the forward keeps the per-row
   results of each chunk (the row pass's fields, the objective's GradForm); the backward
   recomputes the chunk's logits (the teacher's only for a form with a term in q) for a dense form,
@@ -32,8 +32,8 @@ from . import triton_fused_grad as fused_grad
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 from .triton_fused_grad import Side
 
-# Every buffer of a chunk together (up to three [rows, V] fp32: both models' logits and dL/dz):
-# at V = 65536, 32 rows a chunk. Larger chunks make larger GEMMs and fewer read-modify-writes of
+# Every buffer of a chunk together (two [rows, V] fp32: both models' logits, dL/dz written over
+# the teacher's): at V = 65536, 48 rows a chunk. Larger chunks make larger GEMMs and fewer read-modify-writes of
 # dW, at the price of memory. Read at each call.
 SCRATCH_BYTES = 24 << 20
 KERNELS = cpp_logits.KERNELS
@@ -94,11 +94,11 @@ class _Plan:
         grad_bias = torch.zeros(vocab) if need_bias else None
         grads = (grad_hidden, grad_weight, grad_bias)
         dense = [c for c in self.chunks if c.form.dense]
+        # the student's logits and dL/dz, written over the teacher's where the form reads q
         buffers = None
         if dense:
-            with_teacher = any(c.form.reverse or c.form.forward or c.form.mixture for c in dense)
             size = max(c.rows.stop - c.rows.start for c in dense)
-            buffers = [torch.empty(size, vocab) for _ in range(3 if with_teacher else 2)]
+            buffers = [torch.empty(size, vocab) for _ in range(2)]
         settings = dict(temperature=self.temperature, student_softcap=s.softcap,
                         teacher_softcap=self.teacher.softcap)
         for c in self.chunks:
@@ -109,7 +109,7 @@ class _Plan:
                 z_s, g = _logits(buffers[0][:m], s, c.rows, vocab), buffers[1][:m]
                 z_t = None
                 if c.form.reverse or c.form.forward or c.form.mixture:
-                    z_t = _logits(buffers[2][:m], self.teacher, c.rows, vocab)
+                    z_t = _logits(g, self.teacher, c.rows, vocab)
                 logits_form.gradient(KERNELS, z_s, z_t, c.rp, c.form, scale.contiguous(),
                                      mask=mask, out=g, **settings)
                 fused_grad.accumulate(g, s, c.rows, *grads)
@@ -153,7 +153,7 @@ def _gathered(parts: list, with_stats: bool) -> tuple:
 def _over_chunks(s: Side, t: Optional[Side], vocab: int, full_teacher: bool, fn: Callable):
     """fn(rows, z_s, z_t) for every chunk of rows, z_t None unless ``full_teacher``."""
     n = s.hidden.shape[0]
-    chunk = _chunk_rows(n, vocab, 3)  # the backward's three buffers of these rows fit the bound
+    chunk = _chunk_rows(n, vocab, 2)  # the backward's two buffers of these rows fit the bound
     student_logits = torch.empty(chunk, vocab)
     teacher_logits = torch.empty(chunk, vocab) if full_teacher else None
     out = []
