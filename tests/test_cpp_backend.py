@@ -48,6 +48,47 @@ def test_opcheck(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("tile", [0, 96])
+def test_opcheck_fused_linear(tile):
+    """The fused-linear ops (one tile, and tiles of 96 with a partial last one), the mutated
+    logits and gradient buffers included."""
+    g = torch.Generator().manual_seed(4)
+    h_s, w_s, b_s = torch.randn(5, 8, generator=g), torch.randn(310, 8, generator=g), torch.randn(310, generator=g)
+    h_t, w_t = h_s * 1.3, w_s[:300] + 0.01 * torch.randn(300, 8, generator=g)  # S and T meet
+    tokens, mask = torch.tensor([0, 3, 299, 7, 1]), torch.ones(5, dtype=torch.bool)
+    z_s, z_t = torch.empty(5, 300), torch.empty(5, 300)
+    for args in [(h_s, w_s, None, None, None, None, z_s, None, None, None, 0, 1.0, 0.0, 0.0, tile),
+                 (h_s, w_s, b_s, h_t, w_t, None, z_s, z_t, tokens, mask, 4, 0.7, 0.0, 3.0, tile)]:
+        torch.library.opcheck(OPS.linear_row_pass.default, args)
+    fields, _ = OPS.linear_row_pass(h_s, w_s, b_s, h_t, w_t, None, z_s, z_t, tokens, mask, 0, 0.7,
+                                    0.0, 0.0, tile)
+    shift, scale = torch.randn(5), torch.rand(5)
+    for teacher, w in [(z_t, (1.0, 0.0, 0.0)), (z_t, (0.0, -1.0, 0.0)), (z_t, (0.0, 0.0, 0.7)),
+                       (None, (0.0,) * 3)]:
+        grads = (torch.empty(5, 8), torch.zeros(310, 8), torch.zeros(310))
+        torch.library.opcheck(OPS.linear_dense_grad.default,
+                              (z_s, teacher, fields, shift, scale, mask, 0.7, 0.0, 0.0, *w, 0.3,
+                               h_s, w_s, *grads, tile))
+
+
+@needs_native
+def test_fused_linear_ops_name_their_bad_arguments():
+    h, w, z = torch.randn(3, 4), torch.randn(10, 4), torch.empty(3, 10)
+    with pytest.raises(RuntimeError, match="student: weight must have at least 10 rows"):
+        OPS.linear_row_pass(h, w[:9], None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="the teacher needs hidden_t, weight_t and logits_t"):
+        OPS.linear_row_pass(h, w, None, h, None, None, z, z.clone(), None, None, 0, 1.0, 0.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="student: hidden must have 3 rows"):
+        OPS.linear_row_pass(h[:2], w, None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="tile must be >= 0"):
+        OPS.linear_row_pass(h, w, None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, -1)
+    fields, _ = OPS.row_pass(torch.randn(3, 10), None, None, None, 0, 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad_weight must be a float32 \\[V, H\\] tensor"):
+        OPS.linear_dense_grad(z, None, fields, torch.zeros(3), torch.ones(3), None, 1.0, 0.0, 0.0,
+                              0.0, 0.0, 0.0, 0.5, h, w, None, torch.zeros(10, 4).bfloat16(), None, 0)
+
+
+@needs_native
 def test_ops_name_their_bad_arguments():
     s = _logits(3, 10, 0)
     with pytest.raises(RuntimeError, match="teacher must match"):

@@ -116,26 +116,41 @@ def gradient(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Te
     the gradient's)."""
     n = student.shape[0]
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if out is None else out
-    inv_tau = 1.0 / temperature
-    counted = None if mask is None else mask[:, None]
     if n and form.dense:
         needs_teacher = bool(form.reverse or form.forward or form.mixture)
-        shift = form.shift.float() if mask is None else torch.where(mask, form.shift.float(), 0.0)
         kernels.dense_grad(student, teacher if needs_teacher else None, grad, rp, form,
-                           shift.contiguous(), (scale * inv_tau).contiguous(), mask, temperature,
+                           *dense_scales(form, scale, mask, temperature), mask, temperature,
                            (cap(student_softcap), cap(teacher_softcap)))
     elif n:
         grad.zero_()
     if n and form.sparse_ids is not None:
-        ids = form.sparse_ids
-        values = form.sparse_values.float() * (scale * inv_tau)[:, None]
-        if student_softcap is not None:
-            z = capped(student.gather(1, ids).float(), student_softcap)
-            values = values * (1 - (z / student_softcap) ** 2)
-        if counted is not None:
-            values = torch.where(counted, values, torch.zeros_like(values))
-        grad.scatter_add_(1, ids, values.to(grad.dtype))
+        values = sparse_grad(student, form, scale, mask, temperature, student_softcap)
+        grad.scatter_add_(1, form.sparse_ids, values.to(grad.dtype))
     return grad
+
+
+def dense_scales(form: GradForm, scale: torch.Tensor, mask: Optional[torch.Tensor],
+                 temperature: float) -> tuple:
+    """The dense kernels' per-row (shift, scale): the form's shift, 0 at uncounted rows, and the
+    upstream gradient times 1/tau; fp32, contiguous."""
+    shift = form.shift.float() if mask is None else torch.where(mask, form.shift.float(), 0.0)
+    return shift.contiguous(), (scale * (1.0 / temperature)).contiguous()
+
+
+def sparse_grad(student: torch.Tensor, form: GradForm, scale: torch.Tensor,
+                mask: Optional[torch.Tensor], temperature: float,
+                student_softcap: Optional[float]) -> torch.Tensor:
+    """dL/dz (z the raw student logits ``student``) at the form's sparse ids [N, k], fp32, for the
+    per-row upstream gradient ``scale``: 1/tau and the soft-cap's derivative applied, 0 at
+    uncounted rows."""
+    ids = form.sparse_ids
+    values = form.sparse_values.float() * (scale * (1.0 / temperature))[:, None]
+    if student_softcap is not None:
+        z = capped(student.gather(1, ids).float(), student_softcap)
+        values = values * (1 - (z / student_softcap) ** 2)
+    if mask is not None:
+        values = torch.where(mask[:, None], values, torch.zeros_like(values))
+    return values
 
 
 def stats(rp: RowPass, r: PassResults) -> TopKStats:
