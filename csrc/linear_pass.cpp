@@ -228,6 +228,7 @@ void linear_dense_grad(const at::Tensor& student, const c10::optional<at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(opd_kernels, m) {
+  m.def("tile_width(int tile, int rows, int vocab) -> int");
   m.def("linear_row_pass(Tensor hidden_s, Tensor weight_s, Tensor? bias_s, Tensor? hidden_t, "
         "Tensor? weight_t, Tensor? bias_t, Tensor(a!) logits_s, Tensor(b!)? logits_t, "
         "Tensor? tokens, Tensor? mask, int k, float temperature, float cap_s, float cap_t, "
@@ -238,6 +239,8 @@ TORCH_LIBRARY_FRAGMENT(opd_kernels, m) {
         "Tensor weight, Tensor(a!)? grad_hidden, Tensor(b!)? grad_weight, "
         "Tensor(c!)? grad_bias, int tile) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(opd_kernels, CompositeExplicitAutograd, m) { m.impl("tile_width", &tile_width); }
 
 TORCH_LIBRARY_IMPL(opd_kernels, CPU, m) {
   m.impl("linear_row_pass", &linear_row_pass);

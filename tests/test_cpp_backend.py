@@ -89,6 +89,35 @@ def test_fused_linear_ops_name_their_bad_arguments():
 
 
 @needs_native
+def test_fused_linear_ops_give_the_same_bits_on_any_thread_count():
+    """Tiles go to threads, but each tile keeps its own row states and its own share of dh,
+    merged in vocabulary order: 1 and 2 threads agree bit for bit (7 tiles of 64)."""
+    g = torch.Generator().manual_seed(5)
+    h_s, w_s, h_t, w_t = (torch.randn(*shape, generator=g) for shape in ((6, 8), (420, 8), (6, 4), (420, 4)))
+    fields_shift = torch.randn(6, generator=g)
+
+    def run():
+        z_s, z_t = torch.empty(6, 420), torch.empty(6, 420)
+        fields, ids = OPS.linear_row_pass(h_s, w_s, None, h_t, w_t, None, z_s, z_t, None, None, 3,
+                                          0.8, 0.0, 0.0, 64)
+        grads = (torch.empty(6, 8), torch.zeros(420, 8), torch.zeros(420))
+        OPS.linear_dense_grad(z_s, z_t, fields, fields_shift, torch.ones(6), None, 0.8, 0.0, 0.0,
+                              1.0, 0.0, 0.0, 0.5, h_s, w_s, *grads, 64)
+        return fields, ids, *grads
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@needs_native
 def test_ops_name_their_bad_arguments():
     s = _logits(3, 10, 0)
     with pytest.raises(RuntimeError, match="teacher must match"):
