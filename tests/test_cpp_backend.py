@@ -201,6 +201,25 @@ def test_bf16_fused_linear_against_float64():
             assert ((ours.double() - want).abs().max() / want.abs().max()) < 8e-3
 
 
+@needs_native
+@pytest.mark.parametrize("objective", ["full", "sampled"])
+def test_fused_linear_weight_grad_in_float64(objective):
+    """weight_grad_dtype=float64: dW is summed outside the tiled op (which adds in fp32), the
+    sampled objective's sparse part too; the gradients match the float64 oracle."""
+    g = torch.Generator().manual_seed(7)
+    hs, ws = torch.randn(7, 16, generator=g), torch.randn(300, 16, generator=g) * 0.3
+    ht, wt = torch.randn(7, 8, generator=g), torch.randn(300, 8, generator=g) * 0.3
+    tokens = torch.randint(0, 300, (7,), generator=g)
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    loss = O.fused_linear_opd_loss(h, w, ht, wt, objective=objective, tokens=tokens,
+                                   weight_grad_dtype=torch.float64, backend="cpp")
+    loss.backward()
+    h64, w64 = hs.double().requires_grad_(), ws.double().requires_grad_()
+    reference.opd_loss(h64 @ w64.T, ht.double() @ wt.double().T, objective, tokens=tokens).backward()
+    for ours, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert ((ours.double() - want).abs().max() / want.abs().max()) < 2e-5
+
+
 # ---- the registry ------------------------------------------------------------------------------
 
 @needs_native

@@ -100,7 +100,7 @@ class _Plan:
         grad_bias = torch.zeros(vocab) if need_bias else None
         grads = (grad_hidden, grad_weight, grad_bias)
         dense = [c for c in self.chunks if c.form.dense]
-        # the student's logits and dL/dz, written over the teacher's where the form reads q
+        # the student's logits, and the teacher's where the form reads q
         buffers = None
         if dense:
             size = max(c.rows.stop - c.rows.start for c in dense)
@@ -112,12 +112,11 @@ class _Plan:
             scale = grad[c.rows] if mask is None else torch.where(mask, grad[c.rows], 0.0)
             if c.form.dense:
                 m = c.rows.stop - c.rows.start
-                z_s, g = _logits(buffers[0][:m], s, c.rows, vocab), buffers[1][:m]
-                z_t = None
-                if c.form.reverse or c.form.forward or c.form.mixture:
-                    z_t = _logits(g, self.teacher, c.rows, vocab)
-                CHUNKS.backward(s, c.rows, z_s, z_t, c.rp, c.form, scale.contiguous(), g, grads,
-                                mask=mask, **settings)
+                z_s, spare = _logits(buffers[0][:m], s, c.rows, vocab), buffers[1][:m]
+                reads_q = bool(c.form.reverse or c.form.forward or c.form.mixture)
+                z_t = _logits(spare, self.teacher, c.rows, vocab) if reads_q else None
+                CHUNKS.backward(s, c.rows, z_s, z_t, c.rp, c.form, scale.contiguous(), spare,
+                                grads, mask=mask, **settings)
             else:
                 _sparse_backward(s, c.rows, c.form.sparse_ids, c.sparse_du * scale[:, None], grads)
         return grads
@@ -168,18 +167,19 @@ class _TiledChunks(fused_grad.ChunkPasses):
                  temperature, student_softcap, teacher_softcap) -> None:
         grad_hidden, grad_weight, grad_bias = grads
         if grad_weight is not None and grad_weight.dtype != torch.float32:  # the op adds in fp32
-            return super().backward(s, rows, z_s, z_t, rp, form, scale, g, grads, mask=mask,
-                                    temperature=temperature, student_softcap=student_softcap,
-                                    teacher_softcap=teacher_softcap)
+            super().backward(s, rows, z_s, z_t, rp, form, scale, g, grads, mask=mask,
+                             temperature=temperature, student_softcap=student_softcap,
+                             teacher_softcap=teacher_softcap)
+            return
         hidden_rows = None if grad_hidden is None else grad_hidden[rows]
         if form.dense:
             needs_teacher = bool(form.reverse or form.forward or form.mixture)
             OPS.linear_dense_grad(
                 z_s, z_t if needs_teacher else None, rp.fields,
                 *logits_form.dense_scales(form, scale, mask, temperature), mask, temperature,
-                s.cap, logits_form.cap(teacher_softcap), form.reverse, form.forward, form.mixture,
-                form.beta if form.mixture else 0.5, s.hidden[rows], s.weight, hidden_rows,
-                grad_weight, grad_bias, TILE)
+                logits_form.cap(student_softcap), logits_form.cap(teacher_softcap), form.reverse,
+                form.forward, form.mixture, form.beta if form.mixture else 0.5, s.hidden[rows],
+                s.weight, hidden_rows, grad_weight, grad_bias, TILE)
         elif hidden_rows is not None:
             hidden_rows.zero_()
         if form.sparse_ids is not None:
