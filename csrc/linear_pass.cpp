@@ -14,7 +14,9 @@
 // same for any thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#if __has_include(<unistd.h>)
 #include <unistd.h>
+#endif
 
 #include <vector>
 
@@ -29,7 +31,11 @@ namespace {
 int64_t tile_width(int64_t asked, int64_t rows, int64_t vocab) {
   TORCH_CHECK(asked >= 0, "tile must be >= 0 (0: sized from the L2 cache), got ", asked);
   if (asked > 0) return std::min(asked, vocab);
+#if defined(_SC_LEVEL2_CACHE_SIZE)  // glibc
   const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+  const long l2 = 0;
+#endif
   const int64_t budget = (l2 > 0 ? l2 : (2 << 20)) / 2;
   const int64_t blocks = std::max<int64_t>(1, budget / (2 * 4 * std::max<int64_t>(rows, 1) * kBlock));
   return std::min(blocks * kBlock, padded(vocab));

@@ -7,7 +7,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
