@@ -9,9 +9,9 @@
 //                      dL/dz is never written out whole.
 //
 // Threads take tiles (at::parallel_for); BLAS runs single-threaded inside a thread's tile. A tile
-// is sized so that both models' [rows, tile] fp32 take half the L2 cache (or given, for tests). The partition into
-// tiles depends on the rows and that size only, not on the number of threads: results are the
-// same for any thread count.
+// is sized so that both models' [rows, tile] fp32 take half the L2 cache (or given, for tests).
+// The partition into tiles depends on the rows and that size only, not on the number of threads:
+// results are the same for any thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #if __has_include(<unistd.h>)
@@ -37,17 +37,20 @@ int64_t tile_width(int64_t asked, int64_t rows, int64_t vocab) {
   const long l2 = 0;
 #endif
   const int64_t budget = (l2 > 0 ? l2 : (2 << 20)) / 2;
-  const int64_t blocks = std::max<int64_t>(1, budget / (2 * 4 * std::max<int64_t>(rows, 1) * kBlock));
+  const int64_t block_bytes = 2 * 4 * std::max<int64_t>(rows, 1) * kBlock;  // both models
+  const int64_t blocks = std::max<int64_t>(1, budget / block_bytes);
   return std::min(blocks * kBlock, padded(vocab));
 }
 
 // The lm_head of one model: hidden [rows, H], the weight's first ``vocab`` rows [V' >= vocab, H],
 // an optional bias [V' >= vocab]; fp32 with contiguous rows.
-void check_head(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                int64_t rows, int64_t vocab, const char* which) {
+void check_head(const at::Tensor& hidden, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, int64_t rows, int64_t vocab,
+                const char* which) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), which,
               ": hidden and weight must be [rows, H] and [V, H]");
-  TORCH_CHECK(hidden.size(0) == rows, which, ": hidden must have ", rows, " rows, got ", hidden.size(0));
+  TORCH_CHECK(hidden.size(0) == rows, which, ": hidden must have ", rows, " rows, got ",
+              hidden.size(0));
   TORCH_CHECK(weight.size(0) >= vocab, which, ": weight must have at least ", vocab, " rows");
   for (const at::Tensor* t : {&hidden, &weight})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() &&
@@ -111,7 +114,8 @@ void linear_rows(const at::Tensor& hidden_s, const at::Tensor& weight_s,
       const bool counted = mask == nullptr || mask[row];
       State& st = states[0][row];
       for (int64_t t = 1; counted && t < tiles; ++t) st.merge(states[t][row]);
-      finish_row(st, counted, zs_ptr + row * stride_s, HAS_TEACHER ? zt_ptr + row * stride_t : nullptr,
+      const float* zt_row = HAS_TEACHER ? zt_ptr + row * stride_t : nullptr;
+      finish_row(st, counted, zs_ptr + row * stride_s, zt_row,
                  counted ? row_token(tokens, row, o.vocab) : -1, o, fields, row, rows,
                  top_ids + row * o.k);
     }
@@ -209,11 +213,12 @@ void linear_dense_grad(const at::Tensor& student, const c10::optional<at::Tensor
             const float* z_s = load_block(zs_ptr + row * stride_s + v0 + b0, n, a.cap_s, zs.data());
             const float* z_t = HAS_TEACHER
                 ? load_block(zt_ptr + row * stride_t + v0 + b0, n, a.cap_t, zt.data()) : nullptr;
+            constexpr bool HAS_MIXTURE = decltype(has_mixture)::value;
             if (n % kLanes == 0) {
-              grad_block<HAS_TEACHER, decltype(has_mixture)::value>(z_s, z_t, n, row, a, g_row + b0);
+              grad_block<HAS_TEACHER, HAS_MIXTURE>(z_s, z_t, n, row, a, g_row + b0);
             } else {  // the tile's last block: whole vectors into scratch, n of them kept
               float tail[kBlock];
-              grad_block<HAS_TEACHER, decltype(has_mixture)::value>(z_s, z_t, n, row, a, tail);
+              grad_block<HAS_TEACHER, HAS_MIXTURE>(z_s, z_t, n, row, a, tail);
               std::copy(tail, tail + n, g_row + b0);
             }
           }

@@ -300,8 +300,9 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
     dL/du of fp32 activations over the teacher's logits, see ``scratch_rows``):
       1. u_s = h_s W_s^T (+ b_s) and u_t likewise by cuBLAS, once each, fp32 output (no rounding
          of the logits);
-      2. the logits-form passes (``chunk_passes``' kernels) over both (lse, both KLs, token log-probs, mixture
-         sums, top-k statistics as asked: one read), then the objective's from_passes;
+      2. the logits-form passes (``chunk_passes``' kernels) over both (lse, both KLs, token
+         log-probs, mixture sums, top-k statistics as asked: one read), then the objective's
+         from_passes;
       3. its gradient pass writing dL/du (the row weights in its per-row scale; 1/tau and the
          soft-cap's derivative inside);
       4. dh[chunk] = dL/du W_s, dW += dL/du^T h_s, db += sum_rows dL/du (fp32 accumulators).
@@ -336,7 +337,8 @@ def scratch_rows(n: int, vocab: int, scratch_bytes: int, hidden_dtype: torch.dty
     teacher's logits, which its pass reads element by element before: two buffers, not three,
     and a smaller footprint in the caches the GEMMs that follow read."""
     scratch = _scratch_dtype(hidden_dtype).itemsize
-    row_bytes = vocab * (2 * scratch + (0 if scratch == hidden_dtype.itemsize else hidden_dtype.itemsize))
+    grad_bytes = 0 if scratch == hidden_dtype.itemsize else hidden_dtype.itemsize
+    row_bytes = vocab * (2 * scratch + grad_bytes)
     return min(n, max(1, scratch_bytes // row_bytes))
 
 
