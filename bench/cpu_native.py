@@ -2,10 +2,7 @@
 
 - the fused-linear ``full`` forward+backward at N = 2048, V = 65536, H = 64 (fp32 and bf16)
   against eager PyTorch and against its floor, the four lm_head block products alone (both
-  models' logits, dh = g W, dW += g^T h) over the same row chunks, all in one run. The floor is
-  measured twice: as whole-chunk GEMMs (torch.mm), and as the backend runs them, a vocabulary
-  tile per BLAS call on each thread (bench/tiled_products.cpp), which keeps each tile in cache
-  and is faster than the whole-chunk GEMMs;
+  models' logits, dh = g W, dW += g^T h) over the same row chunks, all in one run;
 - 1 against 2 threads for the headline ops (logits reverse KL fwd+bwd, topk_overlap,
   opd_loss topk fwd+bwd on the CPU preset's shapes; the fused ``full``);
 - the peak resident-size growth of that fused forward+backward under glibc's default allocator
@@ -14,7 +11,6 @@ Each figure is the minimum over interleaved repeats: the ratios come from one ru
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -62,26 +58,6 @@ def _four_products(hs, ws, ht, wt):
         torch.mm(ht[part], wt.t(), out=z_t[:m])
         torch.mm(z_t[:m], ws, out=grad_hidden[part])
         grad_weight.addmm_(z_t[:m].t(), hs[part])
-
-
-@functools.cache
-def _tiled_ops():
-    from torch.utils import cpp_extension
-
-    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiled_products.cpp")
-    cpp_extension.load("opd_bench_tiled_products", [source], extra_cflags=["-O3"],
-                       is_python_module=False, verbose=False)
-    return torch.ops.opd_bench
-
-
-def _tiled_products(hs, ws, ht, wt):
-    """The same products as the backend tiles them (csrc/linear_pass.cpp's tile width)."""
-    from opd_kernels.backends import cpp_fused, triton_fused_grad
-
-    hs, ws, ht, wt = (t.float() for t in (hs, ws, ht, wt))
-    rows = triton_fused_grad.scratch_rows(N, V, cpp_fused.SCRATCH_BYTES, torch.float32)
-    tile = cpp_fused.OPS.tile_width(cpp_fused.TILE, rows, V)
-    _tiled_ops().tiled_products(hs, ws, ht, wt, rows, tile, torch.empty(N, H), torch.zeros(V, H))
 
 
 def _logits_ops(dtype):
@@ -162,8 +138,7 @@ def measure(log=print) -> dict:
         x = _fused_inputs(dtype)
         times = _best_ms({"cpp": lambda: _fused_full("cpp", *x),
                           "eager": lambda: _fused_full("eager", *x),
-                          "four products": lambda: _four_products(*x),
-                          "tiled products": lambda: _tiled_products(*x)})
+                          "four products": lambda: _four_products(*x)})
         result["fused"][label] = times
         log(f"fused full fwd+bwd {label}: {times}")
         ops = _logits_ops(dtype)
@@ -191,16 +166,11 @@ def markdown(result: dict, meta: dict) -> str:
              f"{REPEATS} interleaved repeats, every ratio from this one run; a shared machine's "
              "noise stays in the absolute times.", "",
              f"## Fused-linear `full` forward+backward, N={N}, V={V}, H={H}", "",
-             "The floor, the four lm_head products alone, as whole-chunk GEMMs (chunk) and as the "
-             "backend runs them, a vocabulary tile per BLAS call (tiled).", "",
-             "| dtype | cpp ms | eager ms | chunk products ms | tiled products ms | x eager "
-             "| cpp / chunk products | cpp / tiled products |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| dtype | cpp ms | eager ms | four lm_head products ms | x eager | cpp / products |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, t in result["fused"].items():
         lines.append(f"| {label} | {t['cpp']:.0f} | {t['eager']:.0f} | {t['four products']:.0f} | "
-                     f"{t['tiled products']:.0f} | {ratio(t, 'eager', 'cpp'):.2f} | "
-                     f"{ratio(t, 'cpp', 'four products'):.2f} | "
-                     f"{ratio(t, 'cpp', 'tiled products'):.2f} |")
+                     f"{ratio(t, 'eager', 'cpp'):.2f} | {ratio(t, 'cpp', 'four products'):.2f} |")
     n, v = result["shape"]["logits"]
     lines += ["", f"## Logits form, N={n}, V={v}", "", "| op | dtype | cpp ms | eager ms | x eager |",
               "| --- | --- | ---: | ---: | ---: |"]

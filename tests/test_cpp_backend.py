@@ -48,76 +48,6 @@ def test_opcheck(dtype):
 
 
 @needs_native
-@pytest.mark.parametrize("tile", [0, 96])
-def test_opcheck_fused_linear(tile):
-    """The fused-linear ops (one tile, and tiles of 96 with a partial last one), the mutated
-    logits and gradient buffers included."""
-    g = torch.Generator().manual_seed(4)
-    h_s, w_s, b_s = torch.randn(5, 8, generator=g), torch.randn(310, 8, generator=g), torch.randn(310, generator=g)
-    h_t, w_t = h_s * 1.3, w_s[:300] + 0.01 * torch.randn(300, 8, generator=g)  # S and T meet
-    tokens, mask = torch.tensor([0, 3, 299, 7, 1]), torch.ones(5, dtype=torch.bool)
-    z_s, z_t = torch.empty(5, 300), torch.empty(5, 300)
-    for args in [(h_s, w_s, None, None, None, None, z_s, None, None, None, 0, 1.0, 0.0, 0.0, tile),
-                 (h_s, w_s, b_s, h_t, w_t, None, z_s, z_t, tokens, mask, 4, 0.7, 0.0, 3.0, tile)]:
-        torch.library.opcheck(OPS.linear_row_pass.default, args)
-    fields, _ = OPS.linear_row_pass(h_s, w_s, b_s, h_t, w_t, None, z_s, z_t, tokens, mask, 0, 0.7,
-                                    0.0, 0.0, tile)
-    shift, scale = torch.randn(5), torch.rand(5)
-    for teacher, w in [(z_t, (1.0, 0.0, 0.0)), (z_t, (0.0, -1.0, 0.0)), (z_t, (0.0, 0.0, 0.7)),
-                       (None, (0.0,) * 3)]:
-        grads = (torch.empty(5, 8), torch.zeros(310, 8), torch.zeros(310))
-        torch.library.opcheck(OPS.linear_dense_grad.default,
-                              (z_s, teacher, fields, shift, scale, mask, 0.7, 0.0, 0.0, *w, 0.3,
-                               h_s, w_s, *grads, tile))
-
-
-@needs_native
-def test_fused_linear_ops_name_their_bad_arguments():
-    h, w, z = torch.randn(3, 4), torch.randn(10, 4), torch.empty(3, 10)
-    with pytest.raises(RuntimeError, match="student: weight must have at least 10 rows"):
-        OPS.linear_row_pass(h, w[:9], None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match="the teacher needs hidden_t, weight_t and logits_t"):
-        OPS.linear_row_pass(h, w, None, h, None, None, z, z.clone(), None, None, 0, 1.0, 0.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match="student: hidden must have 3 rows"):
-        OPS.linear_row_pass(h[:2], w, None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match="tile must be >= 0"):
-        OPS.linear_row_pass(h, w, None, None, None, None, z, None, None, None, 0, 1.0, 0.0, 0.0, -1)
-    fields, _ = OPS.row_pass(torch.randn(3, 10), None, None, None, 0, 1.0, 0.0, 0.0)
-    with pytest.raises(RuntimeError, match="grad_weight must be a float32 \\[V, H\\] tensor"):
-        OPS.linear_dense_grad(z, None, fields, torch.zeros(3), torch.ones(3), None, 1.0, 0.0, 0.0,
-                              0.0, 0.0, 0.0, 0.5, h, w, None, torch.zeros(10, 4).bfloat16(), None, 0)
-
-
-@needs_native
-def test_fused_linear_ops_give_the_same_bits_on_any_thread_count():
-    """Tiles go to threads, but each tile keeps its own row states and its own share of dh,
-    merged in vocabulary order: 1 and 2 threads agree bit for bit (7 tiles of 64)."""
-    g = torch.Generator().manual_seed(5)
-    h_s, w_s, h_t, w_t = (torch.randn(*shape, generator=g) for shape in ((6, 8), (420, 8), (6, 4), (420, 4)))
-    fields_shift = torch.randn(6, generator=g)
-
-    def run():
-        z_s, z_t = torch.empty(6, 420), torch.empty(6, 420)
-        fields, ids = OPS.linear_row_pass(h_s, w_s, None, h_t, w_t, None, z_s, z_t, None, None, 3,
-                                          0.8, 0.0, 0.0, 64)
-        grads = (torch.empty(6, 8), torch.zeros(420, 8), torch.zeros(420))
-        OPS.linear_dense_grad(z_s, z_t, fields, fields_shift, torch.ones(6), None, 0.8, 0.0, 0.0,
-                              1.0, 0.0, 0.0, 0.5, h_s, w_s, *grads, 64)
-        return fields, ids, *grads
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, two):
-        assert torch.equal(a.nan_to_num(), b.nan_to_num())
-
-
-@needs_native
 def test_ops_name_their_bad_arguments():
     s = _logits(3, 10, 0)
     with pytest.raises(RuntimeError, match="teacher must match"):
@@ -204,8 +134,8 @@ def test_bf16_fused_linear_against_float64():
 @needs_native
 @pytest.mark.parametrize("objective", ["full", "sampled"])
 def test_fused_linear_weight_grad_in_float64(objective):
-    """weight_grad_dtype=float64: dW is summed outside the tiled op (which adds in fp32), the
-    sampled objective's sparse part too; the gradients match the float64 oracle."""
+    """weight_grad_dtype=float64 on the gradient-in-forward path (dW summed in float64, the
+    sampled objective's sparse part too): the gradients match the float64 oracle."""
     g = torch.Generator().manual_seed(7)
     hs, ws = torch.randn(7, 16, generator=g), torch.randn(300, 16, generator=g) * 0.3
     ht, wt = torch.randn(7, 8, generator=g), torch.randn(300, 8, generator=g) * 0.3

@@ -18,10 +18,8 @@ ON = {}  # the keyword choosing the backend under test (set by the ``kernels`` f
 @pytest.fixture(autouse=True, params=["triton", "cpp"])
 def kernels(request, monkeypatch):
     ON["backend"] = request.param
-    if request.param == "cpp":  # chunks of two rows and vocabulary tiles of 96 (the last one
-        # partial): the chunks' results and the tiles' row states are merged in every test
+    if request.param == "cpp":  # chunks of two rows: the chunks' results are merged in every test
         monkeypatch.setattr("opd_kernels.backends.cpp_fused.SCRATCH_BYTES", 2 * 2 * 4 * 320)
-        monkeypatch.setattr("opd_kernels.backends.cpp_fused.TILE", 96)
     return request.param
 
 

@@ -1,20 +1,18 @@
 """The native CPU backend of the fused-linear form: a chunk of rows at a time, both models'
-logits z = h W^T (+ b) by BLAS into buffers bounded in bytes (``SCRATCH_BYTES`` in all), the
-native kernels over the chunk, and the buffers reused by the next chunk: nothing of size [N, V]
-exists, and the process's resident size grows by the buffers, not by N.
+logits z = h W^T (+ b) by BLAS (torch.mm, ATen's threads) into buffers bounded in bytes
+(``SCRATCH_BYTES`` in all), the native logits kernels (cpp_logits.py) over the chunk, and the
+buffers reused by the next chunk: nothing of size [N, V] exists, and the process's resident size
+grows by the buffers, not by N.
 
 - A scalar loss ('mean' / 'sum') whose objective reads the teacher in full, with a student that
-  needs gradients: the gradient in the forward (triton_fused_grad.reduced_loss, with the chunk
-  passes of ``_TiledChunks``): per chunk csrc/linear_pass.cpp makes both lm_head products a
-  vocabulary tile at a time with the row pass over each tile while it is in cache, then, after
-  the objective's from_passes, dL/dz a tile at a time with dh += g W[tile] and
-  dW[tile] += g^T h from it: four lm_head products in all, the floor, and dL/dz never whole.
+  needs gradients: the gradient in the forward (triton_fused_grad.reduced_loss, over these
+  kernels): per chunk the two lm_head products, the passes, dL/dz written over the teacher's
+  logits, then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the floor.
 - Otherwise (reduction 'none', ``topk``, no gradient needed): the forward keeps the per-row
   results of each chunk (the row pass's fields, the objective's GradForm); the backward
-  recomputes the chunk's logits (the teacher's only for a form with a term in q) for a dense form
-  and runs the same tiled gradient, or applies a sparse form (``topk``: k ids a row) by k dot
-  products a row, with no lm_head product. ``topk`` reads the teacher at the student's k ids
-  only, by k dot products a row.
+  recomputes the chunk's logits (the teacher's only for a form with a term in q) for a dense form,
+  or applies a sparse form (``topk``: k ids a row) by k dot products a row, with no lm_head
+  product. ``topk`` reads the teacher at the student's k ids only, by k dot products a row.
 bf16 (or fp16) hidden states and weights are converted to fp32 once (exact), and a weight wider
 than the activations rounded to their dtype first, as autocast's product does; the products and
 everything after them run in fp32, and the gradients are cast back by autograd.
@@ -34,15 +32,11 @@ from . import triton_fused_grad as fused_grad
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 from .triton_fused_grad import Side
 
-# Every buffer of a chunk together (two [rows, V] fp32: both models' logits): at V = 65536, 48
-# rows a chunk. Larger chunks make larger GEMMs and fewer read-modify-writes of dW, at the price
-# of memory. Read at each call.
+# Every buffer of a chunk together (two [rows, V] fp32: both models' logits, dL/dz written over
+# the teacher's): at V = 65536, 48 rows a chunk. Larger chunks make larger GEMMs and fewer read-modify-writes of
+# dW, at the price of memory. Read at each call.
 SCRATCH_BYTES = 24 << 20
 KERNELS = cpp_logits.KERNELS
-OPS = cpp_logits.OPS
-# Vocabulary elements of a tile of csrc/linear_pass.cpp; 0: sized from the L2 cache. Read at
-# each call (tests set a few, to merge tiles at small shapes).
-TILE = 0
 
 
 def _side(model: Model) -> Side:
@@ -100,7 +94,7 @@ class _Plan:
         grad_bias = torch.zeros(vocab) if need_bias else None
         grads = (grad_hidden, grad_weight, grad_bias)
         dense = [c for c in self.chunks if c.form.dense]
-        # the student's logits, and the teacher's where the form reads q
+        # the student's logits and dL/dz, written over the teacher's where the form reads q
         buffers = None
         if dense:
             size = max(c.rows.stop - c.rows.start for c in dense)
@@ -112,11 +106,12 @@ class _Plan:
             scale = grad[c.rows] if mask is None else torch.where(mask, grad[c.rows], 0.0)
             if c.form.dense:
                 m = c.rows.stop - c.rows.start
-                z_s, spare = _logits(buffers[0][:m], s, c.rows, vocab), buffers[1][:m]
+                z_s, g = _logits(buffers[0][:m], s, c.rows, vocab), buffers[1][:m]
                 reads_q = bool(c.form.reverse or c.form.forward or c.form.mixture)
-                z_t = _logits(spare, self.teacher, c.rows, vocab) if reads_q else None
-                CHUNKS.backward(s, c.rows, z_s, z_t, c.rp, c.form, scale.contiguous(), spare,
-                                grads, mask=mask, **settings)
+                z_t = _logits(g, self.teacher, c.rows, vocab) if reads_q else None
+                logits_form.gradient(KERNELS, z_s, z_t, c.rp, c.form, scale.contiguous(),
+                                     mask=mask, out=g, **settings)
+                fused_grad.accumulate(g, s, c.rows, *grads)
             else:
                 _sparse_backward(s, c.rows, c.form.sparse_ids, c.sparse_du * scale[:, None], grads)
         return grads
@@ -143,51 +138,6 @@ def _sparse_du(form: GradForm, z_s: torch.Tensor, s: Side, temperature: float):
         return None
     ones = torch.ones(z_s.shape[0])
     return logits_form.sparse_grad(z_s, form, ones, None, temperature, s.softcap)
-
-
-class _TiledChunks(fused_grad.ChunkPasses):
-    """The gradient-in-forward chunks of csrc/linear_pass.cpp: the lm_head products a vocabulary
-    tile at a time, each tile read by the row pass (forward) or turned into dh, dW, db (backward)
-    while it is in cache; dL/du is never written whole."""
-
-    def passes(self, s: Side, t: Side, rows: slice, z_s, z_t, **options) -> tuple:
-        def row_pass(student, teacher=None, tokens=None, mask=None, k=0, temperature=1.0,
-                     student_softcap=None, teacher_softcap=None):
-            with_t = teacher is not None
-            fields, top_ids = OPS.linear_row_pass(
-                s.hidden[rows], s.weight, s.bias, t.hidden[rows] if with_t else None,
-                t.weight if with_t else None, t.bias if with_t else None, student, teacher,
-                tokens, mask, k, temperature, logits_form.cap(student_softcap),
-                logits_form.cap(teacher_softcap), TILE)
-            return logits_form.RowPass(fields, top_ids if k else None)
-
-        return logits_form.passes(self.kernels._replace(row_pass=row_pass), z_s, z_t, **options)
-
-    def backward(self, s: Side, rows: slice, z_s, z_t, rp, form, scale, g, grads, *, mask,
-                 temperature, student_softcap, teacher_softcap) -> None:
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_weight is not None and grad_weight.dtype != torch.float32:  # the op adds in fp32
-            super().backward(s, rows, z_s, z_t, rp, form, scale, g, grads, mask=mask,
-                             temperature=temperature, student_softcap=student_softcap,
-                             teacher_softcap=teacher_softcap)
-            return
-        hidden_rows = None if grad_hidden is None else grad_hidden[rows]
-        if form.dense:
-            needs_teacher = bool(form.reverse or form.forward or form.mixture)
-            OPS.linear_dense_grad(
-                z_s, z_t if needs_teacher else None, rp.fields,
-                *logits_form.dense_scales(form, scale, mask, temperature), mask, temperature,
-                logits_form.cap(student_softcap), logits_form.cap(teacher_softcap), form.reverse,
-                form.forward, form.mixture, form.beta if form.mixture else 0.5, s.hidden[rows],
-                s.weight, hidden_rows, grad_weight, grad_bias, TILE)
-        elif hidden_rows is not None:
-            hidden_rows.zero_()
-        if form.sparse_ids is not None:
-            du = logits_form.sparse_grad(z_s, form, scale, mask, temperature, student_softcap)
-            _sparse_backward(s, rows, form.sparse_ids, du, grads)
-
-
-CHUNKS = _TiledChunks(KERNELS)
 
 
 def _gathered(parts: list, with_stats: bool) -> tuple:
@@ -283,7 +233,7 @@ class CppFusedBackend(Backend):
                 and fused_grad.wants_grad(call.student)
                 and reads_full_teacher(call.objective.needs(call.params))):
             value, stats = fused_grad.reduced_loss(call, s, t, call.needs, call.tokens,
-                                                   call.return_stats, SCRATCH_BYTES, CHUNKS)
+                                                   call.return_stats, SCRATCH_BYTES, KERNELS)
             return LossResult(value, reduced=True, stats=stats)
         values, stats, chunks = self._per_row(
             call, s, t, call.needs, lambda r, rp: call.objective.from_passes(r, **call.params),

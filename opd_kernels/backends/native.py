@@ -80,15 +80,3 @@ def _register_fakes() -> None:
     def _(student, teacher, fields, shift, scale, mask, temperature, cap_s, cap_t, w_reverse,
           w_forward, w_mixture, beta, out):
         return None
-
-    @torch.library.register_fake("opd_kernels::linear_row_pass")
-    def _(hidden_s, weight_s, bias_s, hidden_t, weight_t, bias_t, logits_s, logits_t, tokens, mask,
-          k, temperature, cap_s, cap_t, tile):
-        n = logits_s.shape[0]
-        return (logits_s.new_empty(len(logits_form.FIELDS), n, dtype=torch.float32),
-                logits_s.new_empty(n, k, dtype=torch.int64))
-
-    @torch.library.register_fake("opd_kernels::linear_dense_grad")
-    def _(student, teacher, fields, shift, scale, mask, temperature, cap_s, cap_t, w_reverse,
-          w_forward, w_mixture, beta, hidden, weight, grad_hidden, grad_weight, grad_bias, tile):
-        return None

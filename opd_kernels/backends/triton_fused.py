@@ -63,7 +63,6 @@ from .triton_fused_grad import Backward, Side, tiles
 # read-modify-writes of the fp32 dW (at K = 152K, Hs = 1536 the dW GEMM of a chunk is
 # memory-bound below ~700 rows); the memory is the only cost. Read at each call.
 SCRATCH_BYTES = 2**30
-CHUNK_PASSES = fused_grad.ChunkPasses(triton_logits.KERNELS)
 
 # The largest k the running top-k keeps on-chip (the registry checks it).
 MAX_K = 64
@@ -300,7 +299,8 @@ class TritonFusedBackend(Backend):
                 and fused_grad.wants_grad(call.student) and reads_full_teacher(objective_needs)):
             # the teacher's full product is paid anyway: the gradient rides the forward's scratch
             value, stats = fused_grad.reduced_loss(call, s, t, call.needs, call.tokens,
-                                                   call.return_stats, SCRATCH_BYTES, CHUNK_PASSES)
+                                                   call.return_stats, SCRATCH_BYTES,
+                                                   triton_logits.KERNELS)
             return LossResult(value, reduced=True, stats=stats)
         p = _passes(call, s, t, objective_needs, call.return_stats)
         with torch.no_grad():

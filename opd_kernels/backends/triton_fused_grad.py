@@ -288,7 +288,7 @@ def _row_weight(mask, n, reduction, device) -> torch.Tensor:
 
 
 def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: bool,
-                 scratch_bytes: int, chunk_passes: "ChunkPasses"):
+                 scratch_bytes: int, kernels: logits_form.Kernels):
     """The loss reduced to a scalar ('mean' or 'sum') with dLoss/dh_s, dW_s, db_s computed in the
     forward, and the chunks' TopKStats ``with_stats`` (``needs`` then holds the statistics' too).
 
@@ -300,9 +300,8 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
     dL/du of fp32 activations over the teacher's logits, see ``scratch_rows``):
       1. u_s = h_s W_s^T (+ b_s) and u_t likewise by cuBLAS, once each, fp32 output (no rounding
          of the logits);
-      2. the logits-form passes (``chunk_passes``' kernels) over both (lse, both KLs, token
-         log-probs, mixture sums, top-k statistics as asked: one read), then the objective's
-         from_passes;
+      2. the logits-form passes (``kernels``) over both (lse, both KLs, token log-probs, mixture
+         sums, top-k statistics as asked: one read), then the objective's from_passes;
       3. its gradient pass writing dL/du (the row weights in its per-row scale; 1/tau and the
          soft-cap's derivative inside);
       4. dh[chunk] = dL/du W_s, dW += dL/du^T h_s, db += sum_rows dL/du (fp32 accumulators).
@@ -317,7 +316,7 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
     mask = None if call.mask is None else call.mask.contiguous()
     row_weight = _row_weight(mask, n, call.reduction, device)
     total, stats = _chunks(call, s, t, needs, tokens, mask, row_weight, with_stats,
-                           (grad_hidden, grad_weight, grad_bias), scratch_bytes, chunk_passes)
+                           (grad_hidden, grad_weight, grad_bias), scratch_bytes, kernels)
     with torch.no_grad():
         # the scratch is freed (_chunks returned): the accumulators are cast (fp32 by default)
         # and freed before the backward
@@ -342,33 +341,8 @@ def scratch_rows(n: int, vocab: int, scratch_bytes: int, hidden_dtype: torch.dty
     return min(n, max(1, scratch_bytes // row_bytes))
 
 
-class ChunkPasses:
-    """How ``reduced_loss`` runs steps 1-4 on a chunk of rows, over a logits-form kernel set:
-    ``passes`` makes both lm_head products into the chunk's scratch (z_s, z_t) and the passes
-    over them; ``backward`` writes dL/du into ``g`` (the scratch) and turns it into dh, dW, db.
-    backends/cpp_fused.py overrides both to fuse the products with the passes by vocabulary
-    tiles."""
-
-    def __init__(self, kernels: logits_form.Kernels):
-        self.kernels = kernels
-
-    def passes(self, s: Side, t: Side, rows: slice, z_s, z_t, **options) -> tuple:
-        k = z_s.shape[1]
-        # each lm_head product once: the logits stay in the scratch for the passes and dL/du
-        for z, side in ((z_s, s), (z_t, t)):
-            logits_into(z, side.hidden[rows], side.weight[:k])
-            if side.bias is not None:
-                z += side.bias[:k]
-        return logits_form.passes(self.kernels, z_s, z_t, **options)
-
-    def backward(self, s: Side, rows: slice, z_s, z_t, rp, form, scale, g, grads, *, mask,
-                 **settings) -> None:
-        logits_form.gradient(self.kernels, z_s, z_t, rp, form, scale, mask=mask, out=g, **settings)
-        accumulate(g, s, rows, *grads)
-
-
 def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats, grads,
-            scratch_bytes, chunk_passes: ChunkPasses) -> tuple:
+            scratch_bytes, kernels) -> tuple:
     """Steps 1-4 of ``reduced_loss`` over every token chunk: (sum of the counted rows' values,
     the chunks' TopKStats); the gradients go into ``grads`` (dh, dW, db accumulators or None)."""
     n, k, device = s.hidden.shape[0], call.vocab_size, s.hidden.device
@@ -386,16 +360,22 @@ def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats,
         m = rows.stop - c0
         z_s, z_t, g = student_logits[:m], teacher_logits[:m], grad_logits[:m]
         chunk_mask = None if mask is None else mask[rows]
-        r, rp = chunk_passes.passes(
-            s, t, rows, z_s, z_t, needs=needs, tokens=None if tokens is None else tokens[rows],
+        # each lm_head product once: the logits stay in the scratch for the passes and dL/du
+        for z, side in ((z_s, s), (z_t, t)):
+            logits_into(z, side.hidden[rows], side.weight[:k])
+            if side.bias is not None:
+                z += side.bias[:k]
+        r, rp = logits_form.passes(
+            kernels, z_s, z_t, needs=needs, tokens=None if tokens is None else tokens[rows],
             mask=chunk_mask, k=call.k, beta=call.params.get("beta", 0.5), **settings)
         values, form = call.objective.from_passes(r, **call.params)
         if chunk_mask is not None:
             values = torch.where(chunk_mask, values, torch.zeros_like(values))
         total += values.float().sum()
         scale = row_weight.expand(m) if chunk_mask is None else torch.where(chunk_mask, row_weight, 0.0)
-        chunk_passes.backward(s, rows, z_s, z_t, rp, form, scale.float().contiguous(), g, grads,
-                              mask=chunk_mask, **settings)
+        logits_form.gradient(kernels, z_s, z_t, rp, form, scale.float().contiguous(),
+                             mask=chunk_mask, out=g, **settings)
+        accumulate(g, s, rows, *grads)
         if with_stats:
             stats.append(logits_form.stats(rp, r))
     return total, stats
