@@ -7,7 +7,8 @@ grows by the buffers, not by N.
 - A scalar loss ('mean' / 'sum') whose objective reads the teacher in full, with a student that
   needs gradients: the gradient in the forward (triton_fused_grad.reduced_loss, over these
   kernels): per chunk the two lm_head products, the passes, dL/dz written over the teacher's
-  logits, then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the floor.
+  logits, then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the
+  floor.
 - Otherwise (reduction 'none', ``topk``, no gradient needed): the forward keeps the per-row
   results of each chunk (the row pass's fields, the objective's GradForm); the backward
   recomputes the chunk's logits (the teacher's only for a form with a term in q) for a dense form,
@@ -33,8 +34,8 @@ from .base import Backend, Capabilities, LossCall, LossResult, Model
 from .triton_fused_grad import Side
 
 # Every buffer of a chunk together (two [rows, V] fp32: both models' logits, dL/dz written over
-# the teacher's): at V = 65536, 48 rows a chunk. Larger chunks make larger GEMMs and fewer read-modify-writes of
-# dW, at the price of memory. Read at each call.
+# the teacher's): at V = 65536, 48 rows a chunk. Larger chunks make larger GEMMs and fewer
+# read-modify-writes of dW, at the price of memory. Read at each call.
 SCRATCH_BYTES = 24 << 20
 KERNELS = cpp_logits.KERNELS
 
