@@ -53,7 +53,8 @@ OPD_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
 // a b + c rounded once (the compiler would reuse a rounded a b it has computed before).
 OPD_INLINE vf fma_v(vf a, vf b, vf c) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a),
+                                              reinterpret_cast<__m512>(b),
                                               reinterpret_cast<__m512>(c)));
 #else
   vf out;

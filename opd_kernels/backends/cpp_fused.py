@@ -48,10 +48,6 @@ def _side(model: Model) -> Side:
                 model.softcap or 0.0)
 
 
-def _chunk_rows(n: int, vocab: int, buffers: int) -> int:
-    return max(1, min(n, SCRATCH_BYTES // (4 * vocab * buffers)))
-
-
 def _logits(out: torch.Tensor, side: Side, rows: slice, vocab: int) -> torch.Tensor:
     fused_grad.logits_into(out, side.hidden[rows], side.weight[:vocab])
     if side.bias is not None:
@@ -151,7 +147,8 @@ def _gathered(parts: list, with_stats: bool) -> tuple:
 def _over_chunks(s: Side, t: Optional[Side], vocab: int, full_teacher: bool, fn: Callable):
     """fn(rows, z_s, z_t) for every chunk of rows, z_t None unless ``full_teacher``."""
     n = s.hidden.shape[0]
-    chunk = _chunk_rows(n, vocab, 2)  # the backward's two buffers of these rows fit the bound
+    # the backward's two buffers of these rows fit the bound; no rows: one empty chunk below
+    chunk = max(1, fused_grad.scratch_rows(n, vocab, SCRATCH_BYTES, torch.float32))
     student_logits = torch.empty(chunk, vocab)
     teacher_logits = torch.empty(chunk, vocab) if full_teacher else None
     out = []

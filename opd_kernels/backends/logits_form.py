@@ -116,10 +116,12 @@ def gradient(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Te
     the gradient's)."""
     n = student.shape[0]
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if out is None else out
+    inv_tau = 1.0 / temperature
     if n and form.dense:
         needs_teacher = bool(form.reverse or form.forward or form.mixture)
+        shift = form.shift.float() if mask is None else torch.where(mask, form.shift.float(), 0.0)
         kernels.dense_grad(student, teacher if needs_teacher else None, grad, rp, form,
-                           *dense_scales(form, scale, mask, temperature), mask, temperature,
+                           shift.contiguous(), (scale * inv_tau).contiguous(), mask, temperature,
                            (cap(student_softcap), cap(teacher_softcap)))
     elif n:
         grad.zero_()
@@ -127,14 +129,6 @@ def gradient(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Te
         values = sparse_grad(student, form, scale, mask, temperature, student_softcap)
         grad.scatter_add_(1, form.sparse_ids, values.to(grad.dtype))
     return grad
-
-
-def dense_scales(form: GradForm, scale: torch.Tensor, mask: Optional[torch.Tensor],
-                 temperature: float) -> tuple:
-    """The dense kernels' per-row (shift, scale): the form's shift, 0 at uncounted rows, and the
-    upstream gradient times 1/tau; fp32, contiguous."""
-    shift = form.shift.float() if mask is None else torch.where(mask, form.shift.float(), 0.0)
-    return shift.contiguous(), (scale * (1.0 / temperature)).contiguous()
 
 
 def sparse_grad(student: torch.Tensor, form: GradForm, scale: torch.Tensor,
