@@ -52,6 +52,10 @@ class TeacherServerError(RuntimeError):
     refused the request outright: a 4xx, which no retry would change)."""
 
 
+class _Abandoned(TeacherServerError):
+    """A rollout not sent (or not retried) because another rollout of its batch failed."""
+
+
 class MalformedAnswer(ValueError):
     """An answer that is not vLLM's completion format for the request sent."""
 
@@ -209,7 +213,7 @@ class TeacherClient:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             # another rollout of the batch failed: the batch is lost anyway
             if abandon is not None and abandon.is_set():
-                raise TeacherServerError("abandoned: another rollout of the batch had no answer")
+                raise _Abandoned("abandoned: another rollout of the batch had no answer")
             try:
                 return call()
             except urllib.error.HTTPError as e:
@@ -228,8 +232,13 @@ class TeacherClient:
             f"last error: {last_error}")
 
     def _score_one(self, sequence: list, response_start: int, abandon: threading.Event) -> tuple:
-        return self._retried(self.endpoint, lambda: parse_completion(
-            self._post(sequence), sequence, response_start, self.topk, self.vocab_size), abandon)
+        try:
+            return self._retried(self.endpoint, lambda: parse_completion(
+                self._post(sequence), sequence, response_start, self.topk, self.vocab_size), abandon)
+        except TeacherServerError:
+            # set here, not only by score() once it wakes: this worker's next rollout is not sent
+            abandon.set()
+            raise
 
     def models(self) -> list:
         """The ids of the models the server serves (``GET /v1/models``, retried as a score is)."""
@@ -262,12 +271,15 @@ class TeacherClient:
             futures = [pool.submit(self._score_one, row, start, abandon)
                        for row, start in zip(rows, response_starts)]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f in done and f.exception() is not None), None)
-            if failed is not None:  # stop the others early; leaving the pool waits for them
+            if any(f.exception() is not None for f in done):  # stop the others early
                 abandon.set()
                 for f in futures:
                     f.cancel()
-                raise failed.exception()
+        # the pool is left: every future has finished or was cancelled; the first real failure
+        # is the one to report, not a rollout abandoned because of it
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, _Abandoned)), errors[0])
         answers = [f.result() for f in futures]
         lengths = [len(row) - start for row, start in zip(rows, response_starts)]
         shape = (len(rows), max(lengths, default=0))
