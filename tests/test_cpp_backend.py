@@ -15,7 +15,7 @@ import torch
 import opd_kernels as O
 from bench import cpu_native
 from opd_kernels import backends, objectives, reference
-from opd_kernels.backends import native
+from opd_kernels.backends import cpp_fused, logits_form, native
 
 OPS = native.ops()
 needs_native = pytest.mark.skipif(OPS is None, reason="the native extension could not be built")
@@ -45,6 +45,11 @@ def test_opcheck(dtype):
         out = torch.empty(5, 300, dtype=dtype)
         torch.library.opcheck(OPS.dense_grad.default,
                               (s, teacher, fields, shift, scale, mask, 0.7, 0.0, 0.0, *w, 0.3, out))
+    coefs = logits_form.shift_coefficients(objectives.get("full").row_grad_form({}))
+    for k, caps in [(0, (0.0, 0.0)), (4, (5.0, 3.0))]:
+        out = torch.empty(5, 300, dtype=dtype)
+        torch.library.opcheck(OPS.row_pass_grad.default, (s.float(), near.float(), tokens, mask, k,
+                                                          0.7, *caps, coefs, 1.0, 0.0, scale, out))
 
 
 @needs_native
@@ -60,6 +65,13 @@ def test_ops_name_their_bad_arguments():
         OPS.row_pass(s, None, torch.tensor([0, 10, 1]), None, 0, 1.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="k must lie in \\[0, 10\\]"):
         OPS.row_pass(s, None, None, None, 11, 1.0, 0.0, 0.0)
+    coefs, scale, out = torch.zeros(len(logits_form.FIELDS) + 1), torch.ones(3), torch.empty(3, 10)
+    with pytest.raises(RuntimeError, match="student and teacher must be float32 logits"):
+        OPS.row_pass_grad(s.bfloat16(), s.bfloat16(), None, None, 0, 1.0, 0.0, 0.0, coefs, 1.0, 0.0, scale, out)
+    with pytest.raises(RuntimeError, match="shift_coefs must be a contiguous \\[17\\] tensor"):
+        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, coefs[:5], 1.0, 0.0, scale, out)
+    with pytest.raises(RuntimeError, match="out must be a \\[rows, vocab\\] tensor"):
+        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, coefs, 1.0, 0.0, scale, out[:, :5])
 
 
 @needs_native
@@ -80,6 +92,69 @@ def test_torch_compile_holds_the_ops():
     eager_loss, eager_grad = step(s.clone().requires_grad_())
     loss, grad = compiled(s.clone().requires_grad_())
     assert torch.equal(loss, eager_loss) and torch.equal(grad, eager_grad)
+
+
+@needs_native
+@pytest.mark.parametrize("objective", ["full", "forward_kl"])
+@pytest.mark.parametrize("k,caps,out_dtype", [(0, (0.0, 0.0), torch.float32),
+                                              (4, (5.0, 4.0), torch.float32),
+                                              (0, (0.0, 6.0), torch.bfloat16)])
+def test_row_pass_grad_against_float64(objective, k, caps, out_dtype):
+    """The row pass and a RowGradForm's gradient in one op: fields and ids equal to row_pass's,
+    the gradient (written over the teacher's logits in fp32) to the float64 GradForm on rows of
+    three blocks whose max moves in the later blocks (each block's exps have their own center),
+    a masked row, a temperature and soft-caps."""
+    n, v, tau = 5, 2500, 0.7
+    ramp = torch.linspace(0.0, 9.0, v)
+    s, t = _logits(n, v, 8) + ramp, _logits(n, v, 9) * 1.5 + ramp.flip(0)
+    tokens, mask = torch.tensor([0, 2499, 1024, 7, 3]), torch.tensor([True, True, False, True, True])
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(10)) + 0.5
+    form = objectives.get(objective).row_grad_form({})
+    fields, ids = OPS.row_pass(s, t, tokens, mask, k, tau, *caps)
+    teacher = t.clone()  # fp32: the gradient goes over it, as on the fused-linear path
+    out = teacher if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype)
+    got_fields, got_ids = OPS.row_pass_grad(s, teacher, tokens, mask, k, tau, *caps,
+                                            logits_form.shift_coefficients(form), form.reverse,
+                                            form.forward, scale, out)
+    assert torch.equal(got_fields.nan_to_num(), fields.nan_to_num()) and torch.equal(got_ids, ids)
+    capped = lambda z, c: z.double() if c == 0 else c * torch.tanh(z.double() / c)
+    x_s, x_t = capped(s, caps[0]) / tau, capped(t, caps[1]) / tau
+    log_p, log_q = x_s.log_softmax(-1), x_t.log_softmax(-1)
+    r = objectives.PassResults(lse_s=torch.zeros(n), reverse_kl=(log_p.exp() * (log_p - log_q)).sum(-1),
+                               forward_kl=(log_q.exp() * (log_q - log_p)).sum(-1))
+    truth = form.at(r).materialize(x_s, x_t) * scale.double()[:, None]
+    if caps[0]:
+        truth = truth * (1 - (capped(s, caps[0]) / caps[0]) ** 2)
+    truth[~mask] = 0
+    err = (out.double() - truth).abs().max() / truth.abs().max()
+    assert err < (2e-5 if out_dtype == torch.float32 else 2**-8), err
+
+
+@needs_native
+@pytest.mark.parametrize("objective,params,fused", [("full", {}, True), ("forward_kl", {}, True),
+                                                    ("jsd", {"beta": 1.0}, True),
+                                                    ("jsd", {"beta": 0.3}, False),
+                                                    ("sampled", {}, False)])
+def test_gradient_in_forward_takes_row_pass_grad_where_the_form_allows(monkeypatch, objective,
+                                                                      params, fused):
+    """The fused-linear gradient in the forward takes the one-read kernel for an objective with
+    a RowGradForm and the two reads otherwise, with the same gradients."""
+    calls = []
+    kernels = cpp_fused.KERNELS
+    counted = lambda *a: calls.append(1) or kernels.row_pass_grad(*a)
+    monkeypatch.setattr(cpp_fused, "KERNELS", kernels._replace(row_pass_grad=counted))
+    g = torch.Generator().manual_seed(11)
+    hs, ws = torch.randn(6, 16, generator=g), torch.randn(1500, 16, generator=g)
+    ht, wt = torch.randn(6, 8, generator=g), torch.randn(1500, 8, generator=g)
+    tokens = torch.randint(0, 1500, (6,), generator=g)
+    h = hs.clone().requires_grad_()
+    O.fused_linear_opd_loss(h, ws, ht, wt, objective=objective, tokens=tokens, backend="cpp",
+                            **params).backward()
+    assert bool(calls) == fused
+    h64 = hs.double().requires_grad_()
+    reference.opd_loss(h64 @ ws.double().T, ht.double() @ wt.double().T, objective, tokens=tokens,
+                       **params).backward()
+    assert ((h.grad.double() - h64.grad).abs().max() / h64.grad.abs().max()) < 2e-5
 
 
 # ---- bf16 against the float64 oracle -----------------------------------------------------------

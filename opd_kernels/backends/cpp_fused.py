@@ -7,8 +7,9 @@ grows by the buffers, not by N.
 - A scalar loss ('mean' / 'sum') whose objective reads the teacher in full, with a student that
   needs gradients: the gradient in the forward (triton_fused_grad.reduced_loss, over these
   kernels): per chunk the two lm_head products, the passes, dL/dz written over the teacher's
-  logits, then dh = g W and dW += g^T h (addmm_ in place): four lm_head products in all, the
-  floor.
+  logits (for an objective with a RowGradForm, csrc/row_pass_grad.cpp: each row's gradient
+  right after its pass, from cache), then dh = g W and dW += g^T h (addmm_ in place): four
+  lm_head products in all, the floor.
 - Otherwise (reduction 'none', ``topk``, no gradient needed): the forward keeps the per-row
   results of each chunk (the row pass's fields, the objective's GradForm); the backward
   recomputes the chunk's logits (the teacher's only for a form with a term in q) for a dense form,

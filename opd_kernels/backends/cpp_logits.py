@@ -2,8 +2,10 @@
 logits_form.py, so every objective runs on them as on the Triton kernels.
 
 csrc/row_pass.cpp makes the one forward read (the fields of kernels/row_fields.py and the
-student's top-k, any k), csrc/row_grad.cpp the mixture read and the dense gradient; rows run in
-parallel on torch's intra-op threads. fp32 and bf16 logits, fp32 accumulation; the gradient in
+student's top-k, any k), csrc/row_grad.cpp the mixture read and the dense gradient, and
+csrc/row_pass_grad.cpp both of a row at once where the objective's shift is affine in the row's
+fields (the gradient in the forward of the fused-linear form); rows run in parallel on torch's
+intra-op threads. fp32 and bf16 logits, fp32 accumulation; the gradient in
 the logits' dtype.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from . import native
 from .base import Capabilities
-from .logits_form import Kernels, LogitsFormBackend, RowPass, cap
+from .logits_form import Kernels, LogitsFormBackend, RowPass, cap, shift_coefficients
 
 # The registry imports this module only where native.available(); torch.compile then sees the
 # ops themselves, not the build-once wrapper.
@@ -42,5 +44,13 @@ def _dense_grad(student, teacher, grad, rp: RowPass, form, shift, scale, mask, t
                    grad)
 
 
-KERNELS = Kernels(row_pass=_row_pass, mixture=_mixture, dense_grad=_dense_grad)
+def _row_pass_grad(student, teacher, tokens, mask, k, temperature, caps, form, scale, out) -> RowPass:
+    fields, top_ids = OPS.row_pass_grad(student, teacher, tokens, mask, k, temperature, *caps,
+                                        shift_coefficients(form), form.reverse, form.forward,
+                                        scale, out)
+    return RowPass(fields, top_ids if k else None)
+
+
+KERNELS = Kernels(row_pass=_row_pass, mixture=_mixture, dense_grad=_dense_grad,
+                  row_pass_grad=_row_pass_grad)
 BACKEND = LogitsFormBackend("cpp", CAPABILITIES, KERNELS)

@@ -6,6 +6,8 @@ native CPU ones, cpp_logits.py).
                 both KLs, token log-probs, entropies, top-k statistics) and the student's top-k ids
     mixture     the generalized JSD's second read: KL(p || m), KL(q || m) per row
     dense_grad  the backward's read: dL/dz of a GradForm's dense part, written once
+    row_pass_grad  (optional) both of a row at once, for an objective's RowGradForm: the
+                gradient in the forward with the row's second read from cache
 
 Everything else is here and shared: ``passes`` turns the needs of an objective into kernel calls
 and PassResults, the objective's ``from_passes`` gives its values and GradForm, and the autograd
@@ -15,13 +17,14 @@ dense kernel, then the sparse part at k ids a row), so any upstream gradient wor
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .. import served
 from ..kernels.row_fields import FIELDS
-from ..objectives import GradForm, Need, PassResults, reads_full_teacher
+from ..objectives import GradForm, Need, PassResults, RowGradForm, reads_full_teacher
 from ..stats import TopKStats
 from .base import Backend, Capabilities, LossCall, LossResult, Model
 
@@ -35,7 +38,7 @@ class RowPass(NamedTuple):
 
 
 class Kernels(NamedTuple):
-    """A backend's three logits kernels (see the module docstring for what each computes).
+    """A backend's logits kernels (see the module docstring for what each computes).
 
     row_pass(student, teacher, tokens, mask, k, temperature, student_softcap, teacher_softcap)
         -> RowPass
@@ -44,11 +47,15 @@ class Kernels(NamedTuple):
         dL/dz of ``form``'s dense part into ``out``; ``teacher`` is None when the form has no
         term in q, ``shift`` is 0 and ``scale`` (the upstream gradient times 1/tau) holds the
         row's factor, both fp32 [N]; ``caps`` = (student, teacher) soft-caps, 0 for none.
+    row_pass_grad(student, teacher, tokens, mask, k, temperature, caps, form, scale, out)
+        -> RowPass: the row pass of both models and, row by row, the dense gradient of
+        ``form`` (a RowGradForm) into ``out``; None where a backend has no such kernel.
     """
 
     row_pass: Callable
     mixture: Callable
     dense_grad: Callable
+    row_pass_grad: Optional[Callable] = None
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -79,14 +86,7 @@ def passes(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tens
     rp = kernels.row_pass(student, teacher if full_teacher else None, tokens, mask,
                           k if support else 0, temperature, student_softcap, teacher_softcap)
     f = rp.field
-    # lse and x at the support centered on the row's max (PassResults allows the shared offset)
-    r = PassResults(lse_s=f("logsum_s"), tokens=tokens)
-    if tokens is not None:
-        r.student_logprob = f("student_logprob")
-    if full_teacher:
-        r.lse_t, r.reverse_kl, r.forward_kl = f("logsum_t"), f("kl"), f("forward_kl")
-        if tokens is not None:
-            r.teacher_logprob = f("teacher_logprob")
+    r = _results(rp, tokens, full_teacher)
     if support:
         r.support = rp.top_ids
         at = lambda z, softcap, center: (capped(z.float(), softcap) / temperature - center[:, None])
@@ -103,6 +103,67 @@ def passes(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tens
         r.mixture_student, r.mixture_teacher = kernels.mixture(student, teacher, rp, mask,
                                                                temperature, caps, beta)
     return r, rp
+
+
+def _results(rp: RowPass, tokens: Optional[torch.Tensor], full_teacher: bool) -> PassResults:
+    """PassResults of a row pass's fields (the support's fields are the caller's)."""
+    f = rp.field
+    # lse (and x at the support) centered on the row's max: PassResults allows the shared offset
+    r = PassResults(lse_s=f("logsum_s"), tokens=tokens)
+    if tokens is not None:
+        r.student_logprob = f("student_logprob")
+    if full_teacher:
+        r.lse_t, r.reverse_kl, r.forward_kl = f("logsum_t"), f("kl"), f("forward_kl")
+        if tokens is not None:
+            r.teacher_logprob = f("teacher_logprob")
+    return r
+
+
+# the row-pass field of each PassResults field a RowGradForm's terms may name
+_ROW_FIELDS = {name: {"reverse_kl": "kl"}.get(name, name) for name in RowGradForm.FIELDS}
+
+
+@functools.cache  # the kernels only read it
+def shift_coefficients(form) -> torch.Tensor:
+    """A RowGradForm's shift as fp32 [len(FIELDS) + 1]: a coefficient per row-pass field, then
+    the constant."""
+    coefficients = torch.zeros(len(FIELDS) + 1)
+    for name, coefficient in form.terms:
+        coefficients[FIELDS.index(_ROW_FIELDS[name])] += coefficient
+    coefficients[-1] = form.constant
+    return coefficients
+
+
+@torch.no_grad()
+def passes_with_gradient(kernels: Kernels, student: torch.Tensor, teacher: torch.Tensor,
+                         objective, params: dict, *, needs: frozenset, scale: torch.Tensor,
+                         out: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None, k: int = 0,
+                         temperature: float = 1.0, student_softcap: Optional[float] = None,
+                         teacher_softcap: Optional[float] = None) -> tuple:
+    """``passes``, the objective's values and ``gradient`` into ``out`` for the per-row upstream
+    gradient ``scale``, of both models' full logits: (values, PassResults, RowPass). Where the
+    kernels have row_pass_grad and the objective a RowGradForm (and needs no mixture or support,
+    so ``out`` may be the teacher's logits), one kernel writes each row's gradient right after
+    its pass; else the passes, then the gradient's read."""
+    settings = dict(temperature=temperature, student_softcap=student_softcap,
+                    teacher_softcap=teacher_softcap)
+    row_form = objective.row_grad_form(params)
+    support = Need.SUPPORT in needs
+    if (kernels.row_pass_grad is None or row_form is None
+            or objective.needs(params) & {Need.MIXTURE, Need.SUPPORT}):
+        r, rp = passes(kernels, student, teacher, needs=needs, tokens=tokens, mask=mask, k=k,
+                       beta=params.get("beta", 0.5), **settings)
+        values, form = objective.from_passes(r, **params)
+        gradient(kernels, student, teacher, rp, form, scale, mask=mask, out=out, **settings)
+        return values, r, rp
+    # the statistics' top-k (k > 0 with Need.SUPPORT) need the fields and ids alone
+    rp = kernels.row_pass_grad(student, teacher, tokens, mask, k if support else 0, temperature,
+                               (cap(student_softcap), cap(teacher_softcap)), row_form,
+                               (scale * (1.0 / temperature)).contiguous(), out)
+    r = _results(rp, tokens, full_teacher=True)
+    values, _ = objective.from_passes(r, **params)
+    return values, r, rp
 
 
 def gradient(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tensor],

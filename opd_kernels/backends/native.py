@@ -76,6 +76,13 @@ def _register_fakes() -> None:
     def _(student, teacher, fields, mask, temperature, cap_s, cap_t, beta):
         return student.new_empty(2, student.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("opd_kernels::row_pass_grad")
+    def _(student, teacher, tokens, mask, k, temperature, cap_s, cap_t, shift_coefs, w_reverse,
+          w_forward, scale, out):
+        n = student.shape[0]
+        return (student.new_empty(len(logits_form.FIELDS), n, dtype=torch.float32),
+                student.new_empty(n, k, dtype=torch.int64))
+
     @torch.library.register_fake("opd_kernels::dense_grad")
     def _(student, teacher, fields, shift, scale, mask, temperature, cap_s, cap_t, w_reverse,
           w_forward, w_mixture, beta, out):

@@ -303,7 +303,8 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
       2. the logits-form passes (``kernels``) over both (lse, both KLs, token log-probs, mixture
          sums, top-k statistics as asked: one read), then the objective's from_passes;
       3. its gradient pass writing dL/du (the row weights in its per-row scale; 1/tau and the
-         soft-cap's derivative inside);
+         soft-cap's derivative inside); steps 2 and 3 a row at a time, the row's second read
+         from cache, where the kernels and the objective allow (logits_form.passes_with_gradient);
       4. dh[chunk] = dL/du W_s, dW += dL/du^T h_s, db += sum_rows dL/du (fp32 accumulators).
     """
     student = call.student
@@ -365,16 +366,14 @@ def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats,
             logits_into(z, side.hidden[rows], side.weight[:k])
             if side.bias is not None:
                 z += side.bias[:k]
-        r, rp = logits_form.passes(
-            kernels, z_s, z_t, needs=needs, tokens=None if tokens is None else tokens[rows],
-            mask=chunk_mask, k=call.k, beta=call.params.get("beta", 0.5), **settings)
-        values, form = call.objective.from_passes(r, **call.params)
+        scale = row_weight.expand(m) if chunk_mask is None else torch.where(chunk_mask, row_weight, 0.0)
+        values, r, rp = logits_form.passes_with_gradient(
+            kernels, z_s, z_t, call.objective, call.params, needs=needs,
+            scale=scale.float().contiguous(), out=g, tokens=None if tokens is None else tokens[rows],
+            mask=chunk_mask, k=call.k, **settings)
         if chunk_mask is not None:
             values = torch.where(chunk_mask, values, torch.zeros_like(values))
         total += values.float().sum()
-        scale = row_weight.expand(m) if chunk_mask is None else torch.where(chunk_mask, row_weight, 0.0)
-        logits_form.gradient(kernels, z_s, z_t, rp, form, scale.float().contiguous(),
-                             mask=chunk_mask, out=g, **settings)
         accumulate(g, s, rows, *grads)
         if with_stats:
             stats.append(logits_form.stats(rp, r))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import GradForm, Need, Objective, Param, PassResults, reads_full_teacher, topk_ids
+from .base import (GradForm, Need, Objective, Param, PassResults, RowGradForm, reads_full_teacher,
+                   topk_ids)
 
 _REGISTRY: dict[str, Objective] = {}
 
@@ -55,5 +56,5 @@ def get(objective) -> Objective:
     return found
 
 
-__all__ = ["GradForm", "Need", "Objective", "Param", "PassResults", "TEACHER_PROVIDES", "get",
-           "names", "reads_full_teacher", "topk_ids"]
+__all__ = ["GradForm", "Need", "Objective", "Param", "PassResults", "RowGradForm", "TEACHER_PROVIDES",
+           "get", "names", "reads_full_teacher", "topk_ids"]

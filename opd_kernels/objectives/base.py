@@ -111,6 +111,35 @@ class GradForm:
 
 
 @dataclass(frozen=True)
+class RowGradForm:
+    """A dense GradForm whose shift is affine in the row's KLs and token log-probs,
+
+        shift = constant + sum of coefficient * field   over ``terms`` ((field, coefficient))
+
+    with ``reverse`` and ``forward`` numbers of the call (no mixture, no sparse part). A
+    backend can evaluate it right after a row's pass, per row, and write the row's gradient
+    while the row is still in cache; ``at`` gives the GradForm of whole PassResults."""
+
+    constant: float = 0.0
+    terms: tuple = ()
+    reverse: float = 0.0
+    forward: float = 0.0
+
+    FIELDS: ClassVar[tuple] = ("reverse_kl", "forward_kl", "student_logprob", "teacher_logprob")
+
+    def __post_init__(self):
+        unknown = [name for name, _ in self.terms if name not in self.FIELDS]
+        if unknown:
+            raise ValueError(f"RowGradForm terms must be among {self.FIELDS}, got {unknown}")
+
+    def at(self, r: PassResults) -> GradForm:
+        shift = torch.full_like(r.lse_s, self.constant)
+        for name, coefficient in self.terms:
+            shift = shift + coefficient * getattr(r, name)
+        return GradForm(shift=shift, reverse=self.reverse, forward=self.forward)
+
+
+@dataclass(frozen=True)
 class Param:
     """A number an objective takes (e.g. the JSD's beta), with its default and range."""
 
@@ -153,6 +182,11 @@ class Objective:
 
     def from_passes(self, r: PassResults, **params) -> tuple[torch.Tensor, GradForm]:
         raise NotImplementedError
+
+    def row_grad_form(self, params: dict) -> Optional[RowGradForm]:
+        """The objective's GradForm as a RowGradForm where it is one (from_passes then returns
+        ``row_grad_form(params).at(r)``), else None."""
+        return None
 
     def __repr__(self) -> str:
         return f"<objective {self.name!r}>"

@@ -5,7 +5,10 @@
 One online read: lse_s, lse_t and sum_v q_v (x^t_v - x^s_v), centered on the running maxima as
 for the reverse KL (kernels/online_softmax.py).
 """
-from .base import GradForm, Objective, PassResults, kl, log_softmax
+from .base import Objective, PassResults, RowGradForm, kl, log_softmax
+
+
+FORWARD_KL_FORM = RowGradForm(constant=1.0, forward=-1.0)
 
 
 class ForwardKL(Objective):
@@ -16,7 +19,10 @@ class ForwardKL(Objective):
         return kl(log_softmax(teacher.detach(), temperature), log_softmax(student, temperature))
 
     def from_passes(self, r: PassResults):
-        return r.forward_kl, GradForm(shift=r.forward_kl.new_ones(r.forward_kl.shape), forward=-1.0)
+        return r.forward_kl, self.row_grad_form({}).at(r)
+
+    def row_grad_form(self, params):
+        return FORWARD_KL_FORM
 
 
 OBJECTIVE = ForwardKL()

@@ -16,6 +16,8 @@ import math
 import torch
 
 from .base import GradForm, Need, Objective, Param, PassResults, kl, log_softmax
+from .forward_kl import FORWARD_KL_FORM
+from .full import REVERSE_KL_FORM
 
 
 class GeneralizedJSD(Objective):
@@ -42,12 +44,14 @@ class GeneralizedJSD(Objective):
         return beta * kl(log_q, log_m) + (1.0 - beta) * kl(log_p, log_m)
 
     def from_passes(self, r: PassResults, beta=0.5):
-        if beta == 0.0:
-            return r.forward_kl, GradForm(shift=r.forward_kl.new_ones(r.forward_kl.shape), forward=-1.0)
-        if beta == 1.0:
-            return r.reverse_kl, GradForm(shift=-r.reverse_kl, reverse=1.0)
+        if beta in (0.0, 1.0):
+            value = r.forward_kl if beta == 0.0 else r.reverse_kl
+            return value, self.row_grad_form({"beta": beta}).at(r)
         value = beta * r.mixture_teacher + (1.0 - beta) * r.mixture_student
         return value, GradForm(shift=-(1.0 - beta) * r.mixture_student, mixture=1.0 - beta, beta=beta)
+
+    def row_grad_form(self, params):
+        return {0.0: FORWARD_KL_FORM, 1.0: REVERSE_KL_FORM}.get(params["beta"])
 
 
 OBJECTIVE = GeneralizedJSD()
