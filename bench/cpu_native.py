@@ -35,7 +35,7 @@ def _fused_inputs(dtype):
 
 
 def _fused_full(backend, hs, ws, ht, wt):
-    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    h, w = hs.detach().requires_grad_(), ws.detach().requires_grad_()  # fresh leaves, no copies
     if backend == "eager":
         loss = reference.opd_loss((h @ w.T).float(), (ht @ wt.T).float(), "full")
     else:

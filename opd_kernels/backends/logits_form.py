@@ -7,7 +7,7 @@ native CPU ones, cpp_logits.py).
     mixture     the generalized JSD's second read: KL(p || m), KL(q || m) per row
     dense_grad  the backward's read: dL/dz of a GradForm's dense part, written once
     row_pass_grad  (optional) both of a row at once, for an objective's RowGradForm: the
-                gradient in the forward with the row's second read from cache
+                gradient in the forward with the row's second read from cache (one_read_form)
 
 Everything else is here and shared: ``passes`` turns the needs of an objective into kernel calls
 and PassResults, the objective's ``from_passes`` gives its values and GradForm, and the autograd
@@ -35,6 +35,12 @@ class RowPass(NamedTuple):
 
     def field(self, name: str) -> torch.Tensor:
         return self.fields[FIELDS.index(name)]
+
+    @staticmethod
+    def cat(parts: list) -> "RowPass":
+        """The row passes of consecutive chunks of rows as one."""
+        ids = None if parts[0].top_ids is None else torch.cat([p.top_ids for p in parts])
+        return RowPass(torch.cat([p.fields for p in parts], dim=1), ids)
 
 
 class Kernels(NamedTuple):
@@ -86,7 +92,7 @@ def passes(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tens
     rp = kernels.row_pass(student, teacher if full_teacher else None, tokens, mask,
                           k if support else 0, temperature, student_softcap, teacher_softcap)
     f = rp.field
-    r = _results(rp, tokens, full_teacher)
+    r = results(rp, tokens, full_teacher)
     if support:
         r.support = rp.top_ids
         at = lambda z, softcap, center: (capped(z.float(), softcap) / temperature - center[:, None])
@@ -105,7 +111,7 @@ def passes(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tens
     return r, rp
 
 
-def _results(rp: RowPass, tokens: Optional[torch.Tensor], full_teacher: bool) -> PassResults:
+def results(rp: RowPass, tokens: Optional[torch.Tensor], full_teacher: bool) -> PassResults:
     """PassResults of a row pass's fields (the support's fields are the caller's)."""
     f = rp.field
     # lse (and x at the support) centered on the row's max: PassResults allows the shared offset
@@ -134,36 +140,14 @@ def shift_coefficients(form) -> torch.Tensor:
     return coefficients
 
 
-@torch.no_grad()
-def passes_with_gradient(kernels: Kernels, student: torch.Tensor, teacher: torch.Tensor,
-                         objective, params: dict, *, needs: frozenset, scale: torch.Tensor,
-                         out: torch.Tensor, tokens: Optional[torch.Tensor] = None,
-                         mask: Optional[torch.Tensor] = None, k: int = 0,
-                         temperature: float = 1.0, student_softcap: Optional[float] = None,
-                         teacher_softcap: Optional[float] = None) -> tuple:
-    """``passes``, the objective's values and ``gradient`` into ``out`` for the per-row upstream
-    gradient ``scale``, of both models' full logits: (values, PassResults, RowPass). Where the
-    kernels have row_pass_grad and the objective a RowGradForm (and needs no mixture or support,
-    so ``out`` may be the teacher's logits), one kernel writes each row's gradient right after
-    its pass; else the passes, then the gradient's read."""
-    settings = dict(temperature=temperature, student_softcap=student_softcap,
-                    teacher_softcap=teacher_softcap)
-    row_form = objective.row_grad_form(params)
-    support = Need.SUPPORT in needs
-    if (kernels.row_pass_grad is None or row_form is None
-            or objective.needs(params) & {Need.MIXTURE, Need.SUPPORT}):
-        r, rp = passes(kernels, student, teacher, needs=needs, tokens=tokens, mask=mask, k=k,
-                       beta=params.get("beta", 0.5), **settings)
-        values, form = objective.from_passes(r, **params)
-        gradient(kernels, student, teacher, rp, form, scale, mask=mask, out=out, **settings)
-        return values, r, rp
-    # the statistics' top-k (k > 0 with Need.SUPPORT) need the fields and ids alone
-    rp = kernels.row_pass_grad(student, teacher, tokens, mask, k if support else 0, temperature,
-                               (cap(student_softcap), cap(teacher_softcap)), row_form,
-                               (scale * (1.0 / temperature)).contiguous(), out)
-    r = _results(rp, tokens, full_teacher=True)
-    values, _ = objective.from_passes(r, **params)
-    return values, r, rp
+def one_read_form(kernels: Kernels, objective, params: dict) -> Optional[RowGradForm]:
+    """The objective's RowGradForm where ``kernels`` can write each row's gradient right after
+    its pass (row_pass_grad, its second read from cache): an objective that needs no mixture
+    sums and no support (whose gathers would read the teacher's logits after the gradient went
+    over them); else None, and the passes, then ``gradient``."""
+    if kernels.row_pass_grad is None or objective.needs(params) & {Need.MIXTURE, Need.SUPPORT}:
+        return None
+    return objective.row_grad_form(params)
 
 
 def gradient(kernels: Kernels, student: torch.Tensor, teacher: Optional[torch.Tensor],

@@ -28,7 +28,7 @@ import triton
 from ..kernels.fused_linear_grad import fused_linear_grad_logits_kernel
 from ..kernels.fused_linear_topk import (fused_linear_sparse_grad_kernel,
                                          fused_linear_sparse_weight_grad_kernel)
-from ..objectives import GradForm
+from ..objectives import GradForm, Need
 from ..stats import TopKStats
 from . import logits_form
 
@@ -304,7 +304,7 @@ def reduced_loss(call, s: Side, t: Side, needs: frozenset, tokens, with_stats: b
          sums, top-k statistics as asked: one read), then the objective's from_passes;
       3. its gradient pass writing dL/du (the row weights in its per-row scale; 1/tau and the
          soft-cap's derivative inside); steps 2 and 3 a row at a time, the row's second read
-         from cache, where the kernels and the objective allow (logits_form.passes_with_gradient);
+         from cache, where the kernels and the objective allow (logits_form.one_read_form);
       4. dh[chunk] = dL/du W_s, dW += dL/du^T h_s, db += sum_rows dL/du (fp32 accumulators).
     """
     student = call.student
@@ -352,29 +352,44 @@ def _chunks(call, s: Side, t: Side, needs, tokens, mask, row_weight, with_stats,
     teacher_logits = torch.empty_like(student_logits)
     grad_logits = (teacher_logits if teacher_logits.dtype == s.hidden.dtype
                    else torch.empty(chunk, k, dtype=s.hidden.dtype, device=device))
-    total = torch.zeros((), dtype=torch.float32, device=device)
     settings = dict(temperature=call.temperature, student_softcap=s.softcap,
                     teacher_softcap=t.softcap)
-    stats = []
+    row_form = logits_form.one_read_form(kernels, call.objective, call.params)
+    # every row's dLoss/dL_r, 0 on uncounted rows
+    row_scale = (row_weight.expand(n) if mask is None else torch.where(mask, row_weight, 0.0)).float()
+    if row_form is not None:  # its scale is that of dL/dx: 1/tau in it, once for all chunks
+        caps = (logits_form.cap(s.softcap), logits_form.cap(t.softcap))
+        x_scale = row_scale * (1.0 / call.temperature)
+    parts = []  # a chunk's (values, PassResults, RowPass), or the one-read kernel's RowPass
     for c0 in range(0, n, chunk):
         rows = slice(c0, min(n, c0 + chunk))
         m = rows.stop - c0
         z_s, z_t, g = student_logits[:m], teacher_logits[:m], grad_logits[:m]
         chunk_mask = None if mask is None else mask[rows]
+        chunk_tokens = None if tokens is None else tokens[rows]
         # each lm_head product once: the logits stay in the scratch for the passes and dL/du
         for z, side in ((z_s, s), (z_t, t)):
             logits_into(z, side.hidden[rows], side.weight[:k])
             if side.bias is not None:
                 z += side.bias[:k]
-        scale = row_weight.expand(m) if chunk_mask is None else torch.where(chunk_mask, row_weight, 0.0)
-        values, r, rp = logits_form.passes_with_gradient(
-            kernels, z_s, z_t, call.objective, call.params, needs=needs,
-            scale=scale.float().contiguous(), out=g, tokens=None if tokens is None else tokens[rows],
-            mask=chunk_mask, k=call.k, **settings)
-        if chunk_mask is not None:
-            values = torch.where(chunk_mask, values, torch.zeros_like(values))
-        total += values.float().sum()
+        if row_form is not None:
+            parts.append(kernels.row_pass_grad(
+                z_s, z_t, chunk_tokens, chunk_mask, call.k if Need.SUPPORT in needs else 0,
+                call.temperature, caps, row_form, x_scale[rows], g))
+        else:
+            r, rp = logits_form.passes(kernels, z_s, z_t, needs=needs, tokens=chunk_tokens,
+                                       mask=chunk_mask, k=call.k,
+                                       beta=call.params.get("beta", 0.5), **settings)
+            values, form = call.objective.from_passes(r, **call.params)
+            logits_form.gradient(kernels, z_s, z_t, rp, form, row_scale[rows], mask=chunk_mask,
+                                 out=g, **settings)
+            parts.append((values, r, rp))
         accumulate(g, s, rows, *grads)
-        if with_stats:
-            stats.append(logits_form.stats(rp, r))
+    if row_form is not None:  # every row's values and statistics at once, from its fields
+        rp = logits_form.RowPass.cat(parts)
+        r = logits_form.results(rp, tokens, full_teacher=True)
+        parts = [(call.objective.from_passes(r, **call.params)[0], r, rp)]
+    values = torch.cat([v for v, _, _ in parts]).float()
+    total = (values if mask is None else torch.where(mask, values, 0.0)).sum()
+    stats = [logits_form.stats(rp, r) for _, r, rp in parts] if with_stats else []
     return total, stats
