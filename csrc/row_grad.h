@@ -57,6 +57,10 @@ void grad_row(const T* zs_row, const T* zt_row, G* g_row, int64_t vocab, const F
     float to_p = 0.0f;  // e^(center - lse_s) of this block
     if constexpr (CACHED) to_p = exp_v(splat((cache.centers[v0 / kBlock] - max_s) - logsum_s))[0];
     const float* exps = CACHED ? cache.exps + v0 : nullptr;
+    // fp32 whole vectors go straight to the row (a lane of z_t is read before it is written)
+    float* out = g;
+    if constexpr (std::is_same_v<G, float>)
+      if (m % kLanes == 0) out = g_row + v0;
     const vf zero = splat(0.0f);
     for (int64_t i = 0; i < m; i += kLanes) {
       const vf z_s = vload(z_s_block + i);
@@ -66,22 +70,23 @@ void grad_row(const T* zs_row, const T* zt_row, G* g_row, int64_t vocab, const F
         p = vload(exps + i) * to_p;
       else
         p = exp_v(log_p);
-      vf coef = splat(shift), extra = zero;
+      vf coef = splat(shift), log_q = zero;
       if constexpr (HAS_TEACHER) {
-        const vf log_q = (vload(z_t_block + i) * inv_tau - max_t) - logsum_t;
+        log_q = (vload(z_t_block + i) * inv_tau - max_t) - logsum_t;
         if (w_reverse != 0.0f) coef += w_reverse * (log_p - log_q);
         if constexpr (HAS_MIXTURE)
           coef += w_mixture * (log_p - log_mixture_v(log_p, log_q, a.log_beta, a.log_1m_beta));
-        if (w_forward != 0.0f) extra = w_forward * exp_v(log_q);
       }
-      vf grad = (select(p > 0.0f, p * coef, zero) + extra) * scale;
+      vf grad = select(p > 0.0f, p * coef, zero);
+      if (HAS_TEACHER && w_forward != 0.0f) grad += w_forward * exp_v(log_q);
+      grad *= scale;
       if (cap_s > 0.0f) {
         const vf c = z_s / cap_s;
         grad *= 1.0f - c * c;
       }
-      vstore(g + i, grad);
+      vstore(out + i, grad);
     }
-    store_block(g_row + v0, g, m);
+    if (out == g) store_block(g_row + v0, g, m);
   }
 }
 

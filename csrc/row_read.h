@@ -192,9 +192,10 @@ class RowReader {
         if constexpr (HAS_TEACHER) {
           const vf d_t = vload(zt + i) * o_.inv_tau - center_t;
           const vf e_t = exp_v(d_t);
+          const vf d_st = d_s - d_t;  // d_t - d_s is -d_st exactly
           s_t += e_t;
-          a_b += select(e_s > 0.0f, e_s * (d_s - d_t), zero);
-          b_b += select(e_t > 0.0f, e_t * (d_t - d_s), zero);
+          a_b += select(e_s > 0.0f, e_s * d_st, zero);
+          b_b -= select(e_t > 0.0f, e_t * d_st, zero);
           if constexpr (WITH_STATS) c_t += select(e_t > 0.0f, e_t * d_t, zero);
         }
       }
