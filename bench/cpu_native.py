@@ -3,6 +3,8 @@
 - the fused-linear ``full`` forward+backward at N = 2048, V = 65536, H = 64 (fp32 and bf16)
   against eager PyTorch and against its floor, the four lm_head block products alone (both
   models' logits, dh = g W, dW += g^T h) over the same row chunks, all in one run;
+- the gradient in the forward of ``full`` and ``jsd`` (beta 0.5) by row_pass_grad against the
+  separate reads it replaces (fp32);
 - 1 against 2 threads for the headline ops (logits reverse KL fwd+bwd, topk_overlap,
   opd_loss topk fwd+bwd on the CPU preset's shapes; the fused ``full``);
 - the peak resident-size growth of that fused forward+backward under glibc's default allocator
@@ -34,13 +36,28 @@ def _fused_inputs(dtype):
     return make(N, H), make(V, H), make(N, H), make(V, H)
 
 
-def _fused_full(backend, hs, ws, ht, wt):
+def _fused_full(backend, hs, ws, ht, wt, objective="full", **params):
     h, w = hs.detach().requires_grad_(), ws.detach().requires_grad_()  # fresh leaves, no copies
     if backend == "eager":
-        loss = reference.opd_loss((h @ w.T).float(), (ht @ wt.T).float(), "full")
+        loss = reference.opd_loss((h @ w.T).float(), (ht @ wt.T).float(), objective, **params)
     else:
-        loss = ok.fused_linear_opd_loss(h, w, ht, wt, objective="full", backend=backend)
+        loss = ok.fused_linear_opd_loss(h, w, ht, wt, objective=objective, backend=backend, **params)
     loss.backward()
+
+
+def _separate_reads(fn):
+    """fn with the gradient in the forward of the native backend on its separate reads (the
+    row pass, the mixture sums, the gradient) instead of row_pass_grad."""
+    from opd_kernels.backends import cpp_fused
+
+    def run():
+        kernels = cpp_fused.KERNELS
+        cpp_fused.KERNELS = kernels._replace(row_pass_grad=None)
+        try:
+            fn()
+        finally:
+            cpp_fused.KERNELS = kernels
+    return run
 
 
 def _four_products(hs, ws, ht, wt):
@@ -147,6 +164,12 @@ def measure(log=print) -> dict:
                                    for name, fn in ops.items()}
         log(f"logits {label}: {result['logits'][label]}")
     ops, x = _logits_ops(torch.float32), _fused_inputs(torch.float32)
+    runs = {}
+    for name, params in (("full", {}), ("jsd", {"beta": 0.5})):
+        one_read = lambda p=params, o=name: _fused_full("cpp", *x, objective=o, **p)
+        runs[f"{name} one read"], runs[f"{name} separate reads"] = one_read, _separate_reads(one_read)
+    result["one_read"] = _best_ms(runs)
+    log(f"one read: {result['one_read']}")
     ops["fused full fwd+bwd"] = lambda b: _fused_full(b, *x)
     for count in sorted({1, threads}):
         torch.set_num_threads(count)
@@ -171,6 +194,15 @@ def markdown(result: dict, meta: dict) -> str:
     for label, t in result["fused"].items():
         lines.append(f"| {label} | {t['cpp']:.0f} | {t['eager']:.0f} | {t['four products']:.0f} | "
                      f"{ratio(t, 'eager', 'cpp'):.2f} | {ratio(t, 'cpp', 'four products'):.2f} |")
+    one_read = result["one_read"]
+    lines += ["", "## The gradient in the forward: row_pass_grad against the separate reads (fp32)",
+              "", "| objective | one read ms | separate reads ms | separate / one read |",
+              "| --- | ---: | ---: | ---: |"]
+    for name in ("full", "jsd"):
+        t = {k.split(" ", 1)[1]: v for k, v in one_read.items() if k.startswith(name + " ")}
+        label = name if name == "full" else f"{name} (beta 0.5)"
+        lines.append(f"| {label} | {t['one read']:.0f} | {t['separate reads']:.0f} | "
+                     f"{ratio(t, 'separate reads', 'one read'):.2f} |")
     n, v = result["shape"]["logits"]
     lines += ["", f"## Logits form, N={n}, V={v}", "", "| op | dtype | cpp ms | eager ms | x eager |",
               "| --- | --- | ---: | ---: | ---: |"]

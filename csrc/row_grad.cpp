@@ -35,38 +35,23 @@ void check_pair(const at::Tensor& student, const at::Tensor& teacher, const at::
 
 template <typename T>
 void mixture_rows(const at::Tensor& student, const at::Tensor& teacher, const RowNorms& norms,
-                  const bool* mask, float inv_tau, float cap_s, float cap_t, float log_beta,
-                  float log_1m_beta, float* out) {
+                  const bool* mask, const FormArgs& a, float* out) {
   const int64_t n = student.size(0), vocab = student.size(1);
   const T* s_ptr = student.const_data_ptr<T>();
   const T* t_ptr = teacher.const_data_ptr<T>();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zs(kBlock), zt(kBlock);
+    GradBuffers buf;
     for (int64_t row = begin; row < end; ++row) {
-      float j_p = 0.0f, j_q = 0.0f;
+      std::pair<float, float> sums{0.0f, 0.0f};
       if (mask == nullptr || mask[row]) {
-        const float max_s = norms.max_s(row), logsum_s = norms.logsum_s(row);
-        const float max_t = norms.max_t(row), logsum_t = norms.logsum_t(row);
-        for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
-          const int64_t m = std::min(kBlock, vocab - v0);
-          const float* z_s = load_block(s_ptr + row * student.stride(0) + v0, m, cap_s, zs.data());
-          const float* z_t = load_block(t_ptr + row * teacher.stride(0) + v0, m, cap_t, zt.data());
-          vf bp = splat(0.0f), bq = bp;
-          const vf zero = bp;
-          for (int64_t i = 0; i < m; i += kLanes) {
-            const vf log_p = (vload(z_s + i) * inv_tau - max_s) - logsum_s;
-            const vf log_q = (vload(z_t + i) * inv_tau - max_t) - logsum_t;
-            const vf log_m = log_mixture_v(log_p, log_q, log_beta, log_1m_beta);
-            const vf p = exp_v(log_p), q = exp_v(log_q);
-            bp += select(p > 0.0f, p * (log_p - log_m), zero);
-            bq += select(q > 0.0f, q * (log_q - log_m), zero);
-          }
-          j_p += hsum(bp);
-          j_q += hsum(bq);
-        }
+        const RowArgs r{norms.max_s(row), norms.logsum_s(row), norms.max_t(row),
+                        norms.logsum_t(row), 0.0f, 0.0f};
+        sums = mixture_row<T, false>(s_ptr + row * student.stride(0),
+                                     t_ptr + row * teacher.stride(0), vocab, a, r,
+                                     RowCache{nullptr, nullptr, nullptr}, buf);
       }
-      out[row] = j_p;
-      out[n + row] = j_q;
+      out[row] = sums.first;
+      out[n + row] = sums.second;
     }
   });
 }
@@ -80,14 +65,13 @@ at::Tensor mixture(const at::Tensor& student, const at::Tensor& teacher, const a
   auto out = at::empty({2, student.size(0)}, student.options().dtype(at::kFloat));
   const RowNorms norms{fields.const_data_ptr<float>(), student.size(0)};
   const bool* mask_ptr = mask ? mask->const_data_ptr<bool>() : nullptr;
-  const float inv_tau = static_cast<float>(1.0 / temperature);
-  const float log_beta = static_cast<float>(std::log(beta)), log_1m = static_cast<float>(std::log1p(-beta));
+  const FormArgs a{static_cast<float>(1.0 / temperature), static_cast<float>(cap_s),
+                   static_cast<float>(cap_t), 0.0f, 0.0f, 0.0f,
+                   static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
   if (student.scalar_type() == at::kBFloat16)
-    mixture_rows<c10::BFloat16>(student, teacher, norms, mask_ptr, inv_tau, cap_s, cap_t, log_beta,
-                                log_1m, out.data_ptr<float>());
+    mixture_rows<c10::BFloat16>(student, teacher, norms, mask_ptr, a, out.data_ptr<float>());
   else
-    mixture_rows<float>(student, teacher, norms, mask_ptr, inv_tau, cap_s, cap_t, log_beta, log_1m,
-                        out.data_ptr<float>());
+    mixture_rows<float>(student, teacher, norms, mask_ptr, a, out.data_ptr<float>());
   return out;
 }
 
@@ -112,7 +96,7 @@ void grad_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teach
                       HAS_TEACHER ? norms.logsum_t(row) : 0.0f, shift[row], scale[row]};
       grad_row<T, G, HAS_TEACHER, HAS_MIXTURE, false>(
           s_ptr + row * student.stride(0), HAS_TEACHER ? t_ptr + row * teacher->stride(0) : nullptr,
-          g_row, vocab, a, r, ExpCache{nullptr, nullptr}, buf);
+          g_row, vocab, a, r, RowCache{nullptr, nullptr, nullptr}, buf);
     }
   });
 }

@@ -79,12 +79,14 @@ struct Options {
   float inv_tau, cap_s, cap_t;
 };
 
-// Where a row's student exps go for a second look at the row (row_pass_grad.cpp):
-// exp(x_s - center) of every element (the row's length, padded to whole vectors) and the
-// center of each block, so that p = e^(center - lse_s) exp(x_s - center) costs a product.
-struct ExpCache {
+// What the passes over a row leave for the later ones (row_pass_grad.cpp), per thread: the
+// row pass's exp(x_s - center) of every element (the row's length, padded to whole vectors)
+// and the center of each block, so that p = e^(center - lse_s) exp(x_s - center) costs a
+// product; the mixture pass's log m of every element (nullptr: no mixture).
+struct RowCache {
   float* exps;
   float* centers;
+  float* log_m;
 };
 
 // The fields of one row (the masked row's stand-ins, then the read and its fields) and the
@@ -106,7 +108,7 @@ class RowReader {
   // One row into f[kNumFields] and ids[k]; ``token`` (nullptr: none) the row's sampled id,
   // ``cache`` (nullptr: none) where the student's exps go.
   void read(const T* zs_row, const T* zt_row, const int64_t* token, float* f, int64_t* ids,
-            const ExpCache* cache) {
+            const RowCache* cache) {
     State ms, mt;
     float a = 0.0f, b = 0.0f;
     top_s_.reset();
@@ -114,7 +116,7 @@ class RowReader {
     if (cache != nullptr)
       blocks<true>(zs_row, zt_row, ms, mt, a, b, *cache);
     else
-      blocks<false>(zs_row, zt_row, ms, mt, a, b, ExpCache{nullptr, nullptr});
+      blocks<false>(zs_row, zt_row, ms, mt, a, b, RowCache{nullptr, nullptr, nullptr});
     std::fill(f, f + kNumFields, 0.0f);  // a field this pass does not compute holds 0
     const float log_s_s = std::log(ms.s);
     f[kLseS] = ms.m + log_s_s;
@@ -148,7 +150,7 @@ class RowReader {
  private:
   template <bool CACHE>
   void blocks(const T* zs_row, const T* zt_row, State& ms, State& mt, float& a, float& b,
-              const ExpCache& cache) {
+              const RowCache& cache) {
     for (int64_t v0 = 0; v0 < o_.vocab; v0 += kBlock) {
       const int64_t n = std::min(kBlock, o_.vocab - v0);
       if (v0 + kBlock < o_.vocab) {  // the next block, while this one is computed

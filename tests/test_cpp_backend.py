@@ -4,6 +4,7 @@ registry's choice, the fallback when the extension cannot be built, and its memo
 objectives, edge cases and bad input run on it in the backend-parametrized suites
 (test_triton_logits.py, test_triton_fused_objectives.py, test_edge_cases.py, test_errors.py,
 test_served_teacher.py)."""
+import math
 import os
 import subprocess
 import sys
@@ -45,11 +46,12 @@ def test_opcheck(dtype):
         out = torch.empty(5, 300, dtype=dtype)
         torch.library.opcheck(OPS.dense_grad.default,
                               (s, teacher, fields, shift, scale, mask, 0.7, 0.0, 0.0, *w, 0.3, out))
-    coefs = logits_form.shift_coefficients(objectives.get("full").row_grad_form({}))
-    for k, caps in [(0, (0.0, 0.0)), (4, (5.0, 3.0))]:
+    for form, k, caps in [(objectives.get("full").row_grad_form({}), 0, (0.0, 0.0)),
+                          (objectives.get("jsd").row_grad_form({"beta": 0.3}), 4, (5.0, 3.0))]:
         out = torch.empty(5, 300, dtype=dtype)
-        torch.library.opcheck(OPS.row_pass_grad.default, (s.float(), near.float(), tokens, mask, k,
-                                                          0.7, *caps, coefs, 1.0, 0.0, scale, out))
+        torch.library.opcheck(OPS.row_pass_grad.default, (
+            s.float(), near.float(), tokens, mask, k, 0.7, *caps, logits_form.shift_coefficients(form),
+            form.reverse, form.forward, form.mixture, form.beta or 0.5, scale, out))
 
 
 @needs_native
@@ -65,13 +67,16 @@ def test_ops_name_their_bad_arguments():
         OPS.row_pass(s, None, torch.tensor([0, 10, 1]), None, 0, 1.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="k must lie in \\[0, 10\\]"):
         OPS.row_pass(s, None, None, None, 11, 1.0, 0.0, 0.0)
-    coefs, scale, out = torch.zeros(len(logits_form.FIELDS) + 1), torch.ones(3), torch.empty(3, 10)
+    coefs, scale, out = torch.zeros(len(logits_form.FIELDS) + 3), torch.ones(3), torch.empty(3, 10)
+    form = lambda coefs=coefs, out=out, mixture=0.0, beta=0.5: (coefs, 1.0, 0.0, mixture, beta, scale, out)
     with pytest.raises(RuntimeError, match="student and teacher must be float32 logits"):
-        OPS.row_pass_grad(s.bfloat16(), s.bfloat16(), None, None, 0, 1.0, 0.0, 0.0, coefs, 1.0, 0.0, scale, out)
-    with pytest.raises(RuntimeError, match="shift_coefs must be a contiguous \\[17\\] tensor"):
-        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, coefs[:5], 1.0, 0.0, scale, out)
+        OPS.row_pass_grad(s.bfloat16(), s.bfloat16(), None, None, 0, 1.0, 0.0, 0.0, *form())
+    with pytest.raises(RuntimeError, match="shift_coefs must be a contiguous \\[19\\] tensor"):
+        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, *form(coefs=coefs[:5]))
     with pytest.raises(RuntimeError, match="out must be a \\[rows, vocab\\] tensor"):
-        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, coefs, 1.0, 0.0, scale, out[:, :5])
+        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, *form(out=out[:, :5]))
+    with pytest.raises(RuntimeError, match="beta must lie strictly inside \\(0, 1\\), got 1"):
+        OPS.row_pass_grad(s, s, None, None, 0, 1.0, 0.0, 0.0, *form(mixture=0.5, beta=1.0))
 
 
 @needs_native
@@ -95,33 +100,43 @@ def test_torch_compile_holds_the_ops():
 
 
 @needs_native
-@pytest.mark.parametrize("objective", ["full", "forward_kl"])
+@pytest.mark.parametrize("objective,params", [("full", {}), ("forward_kl", {}), ("jsd", {"beta": 0.3})])
 @pytest.mark.parametrize("k,caps,out_dtype", [(0, (0.0, 0.0), torch.float32),
                                               (4, (5.0, 4.0), torch.float32),
                                               (0, (0.0, 6.0), torch.bfloat16)])
-def test_row_pass_grad_against_float64(objective, k, caps, out_dtype):
+def test_row_pass_grad_against_float64(objective, params, k, caps, out_dtype):
     """The row pass and a RowGradForm's gradient in one op: fields and ids equal to row_pass's,
-    the gradient (written over the teacher's logits in fp32) to the float64 GradForm on rows of
-    three blocks whose max moves in the later blocks (each block's exps have their own center),
-    a masked row, a temperature and soft-caps."""
+    the JSD's mixture sums and the gradient (written over the teacher's logits in fp32) to the
+    float64 ones on rows of three blocks whose max moves in the later blocks (each block's exps
+    have their own center), a masked row, a temperature and soft-caps."""
     n, v, tau = 5, 2500, 0.7
     ramp = torch.linspace(0.0, 9.0, v)
-    s, t = _logits(n, v, 8) + ramp, _logits(n, v, 9) * 1.5 + ramp.flip(0)
+    # a teacher near the student: far apart, the JSD's gradient cancels to fp32 noise in any
+    # kernel (log p - log m - J_p with p >> q everywhere p matters)
+    s = _logits(n, v, 8) + ramp
+    t = 0.7 * s + _logits(n, v, 9)
     tokens, mask = torch.tensor([0, 2499, 1024, 7, 3]), torch.tensor([True, True, False, True, True])
     scale = torch.rand(n, generator=torch.Generator().manual_seed(10)) + 0.5
-    form = objectives.get(objective).row_grad_form({})
+    form = objectives.get(objective).row_grad_form(params)
     fields, ids = OPS.row_pass(s, t, tokens, mask, k, tau, *caps)
     teacher = t.clone()  # fp32: the gradient goes over it, as on the fused-linear path
     out = teacher if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype)
-    got_fields, got_ids = OPS.row_pass_grad(s, teacher, tokens, mask, k, tau, *caps,
-                                            logits_form.shift_coefficients(form), form.reverse,
-                                            form.forward, scale, out)
+    got_fields, got_ids, mixture = OPS.row_pass_grad(
+        s, teacher, tokens, mask, k, tau, *caps, logits_form.shift_coefficients(form), form.reverse,
+        form.forward, form.mixture, form.beta or 0.5, scale, out)
     assert torch.equal(got_fields.nan_to_num(), fields.nan_to_num()) and torch.equal(got_ids, ids)
     capped = lambda z, c: z.double() if c == 0 else c * torch.tanh(z.double() / c)
     x_s, x_t = capped(s, caps[0]) / tau, capped(t, caps[1]) / tau
     log_p, log_q = x_s.log_softmax(-1), x_t.log_softmax(-1)
-    r = objectives.PassResults(lse_s=torch.zeros(n), reverse_kl=(log_p.exp() * (log_p - log_q)).sum(-1),
-                               forward_kl=(log_q.exp() * (log_q - log_p)).sum(-1))
+    beta = params.get("beta", 0.5)
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+    kl = lambda log_a, log_b: (log_a.exp() * (log_a - log_b)).sum(-1)
+    r = objectives.PassResults(lse_s=torch.zeros(n), reverse_kl=kl(log_p, log_q),
+                               forward_kl=kl(log_q, log_p), mixture_student=kl(log_p, log_m),
+                               mixture_teacher=kl(log_q, log_m))
+    if form.mixture:
+        want = torch.stack([r.mixture_student, r.mixture_teacher]) * mask
+        assert ((mixture.double() - want).abs().max() / want.abs().max()) < 2e-5
     truth = form.at(r).materialize(x_s, x_t) * scale.double()[:, None]
     if caps[0]:
         truth = truth * (1 - (capped(s, caps[0]) / caps[0]) ** 2)
@@ -133,12 +148,12 @@ def test_row_pass_grad_against_float64(objective, k, caps, out_dtype):
 @needs_native
 @pytest.mark.parametrize("objective,params,fused", [("full", {}, True), ("forward_kl", {}, True),
                                                     ("jsd", {"beta": 1.0}, True),
-                                                    ("jsd", {"beta": 0.3}, False),
+                                                    ("jsd", {"beta": 0.3}, True),
                                                     ("sampled", {}, False)])
 def test_gradient_in_forward_takes_row_pass_grad_where_the_form_allows(monkeypatch, objective,
                                                                       params, fused):
     """The fused-linear gradient in the forward takes the one-read kernel for an objective with
-    a RowGradForm and the two reads otherwise, with the same gradients."""
+    a RowGradForm and the separate reads otherwise, with the same gradients."""
     calls = []
     kernels = cpp_fused.KERNELS
     counted = lambda *a: calls.append(1) or kernels.row_pass_grad(*a)

@@ -32,6 +32,7 @@ from .base import Backend, Capabilities, LossCall, LossResult, Model
 class RowPass(NamedTuple):
     fields: torch.Tensor                 # [len(FIELDS), N] fp32, rows named by FIELDS
     top_ids: Optional[torch.Tensor]      # [N, k] int64 student top-k ids (descending), or None
+    mixture: Optional[torch.Tensor] = None  # [2, N] fp32 KL(p || m), KL(q || m) (row_pass_grad)
 
     def field(self, name: str) -> torch.Tensor:
         return self.fields[FIELDS.index(name)]
@@ -39,8 +40,9 @@ class RowPass(NamedTuple):
     @staticmethod
     def cat(parts: list) -> "RowPass":
         """The row passes of consecutive chunks of rows as one."""
-        ids = None if parts[0].top_ids is None else torch.cat([p.top_ids for p in parts])
-        return RowPass(torch.cat([p.fields for p in parts], dim=1), ids)
+        cat = lambda name, dim: (None if getattr(parts[0], name) is None
+                                 else torch.cat([getattr(p, name) for p in parts], dim))
+        return RowPass(cat("fields", 1), cat("top_ids", 0), cat("mixture", 1))
 
 
 class Kernels(NamedTuple):
@@ -54,8 +56,9 @@ class Kernels(NamedTuple):
         term in q, ``shift`` is 0 and ``scale`` (the upstream gradient times 1/tau) holds the
         row's factor, both fp32 [N]; ``caps`` = (student, teacher) soft-caps, 0 for none.
     row_pass_grad(student, teacher, tokens, mask, k, temperature, caps, form, scale, out)
-        -> RowPass: the row pass of both models and, row by row, the dense gradient of
-        ``form`` (a RowGradForm) into ``out``; None where a backend has no such kernel.
+        -> RowPass: the row pass of both models (and the mixture sums for a form with a
+        mixture term) and, row by row, the dense gradient of ``form`` (a RowGradForm) into
+        ``out``; None where a backend has no such kernel.
     """
 
     row_pass: Callable
@@ -122,30 +125,35 @@ def results(rp: RowPass, tokens: Optional[torch.Tensor], full_teacher: bool) -> 
         r.lse_t, r.reverse_kl, r.forward_kl = f("logsum_t"), f("kl"), f("forward_kl")
         if tokens is not None:
             r.teacher_logprob = f("teacher_logprob")
+    if rp.mixture is not None:
+        r.mixture_student, r.mixture_teacher = rp.mixture[0], rp.mixture[1]
     return r
 
 
-# the row-pass field of each PassResults field a RowGradForm's terms may name
-_ROW_FIELDS = {name: {"reverse_kl": "kl"}.get(name, name) for name in RowGradForm.FIELDS}
+# where each PassResults field a RowGradForm's terms may name sits in the kernels' coefficients:
+# the row pass's fields, then the two mixture sums
+_COEFFICIENT = {**{name: FIELDS.index({"reverse_kl": "kl"}.get(name, name))
+                   for name in RowGradForm.FIELDS if not name.startswith("mixture_")},
+                "mixture_student": len(FIELDS), "mixture_teacher": len(FIELDS) + 1}
 
 
 @functools.cache  # the kernels only read it
 def shift_coefficients(form) -> torch.Tensor:
-    """A RowGradForm's shift as fp32 [len(FIELDS) + 1]: a coefficient per row-pass field, then
-    the constant."""
-    coefficients = torch.zeros(len(FIELDS) + 1)
+    """A RowGradForm's shift as fp32 [len(FIELDS) + 3]: a coefficient per row-pass field, one
+    per mixture sum (KL(p || m), KL(q || m)), then the constant."""
+    coefficients = torch.zeros(len(FIELDS) + 3)
     for name, coefficient in form.terms:
-        coefficients[FIELDS.index(_ROW_FIELDS[name])] += coefficient
+        coefficients[_COEFFICIENT[name]] += coefficient
     coefficients[-1] = form.constant
     return coefficients
 
 
 def one_read_form(kernels: Kernels, objective, params: dict) -> Optional[RowGradForm]:
     """The objective's RowGradForm where ``kernels`` can write each row's gradient right after
-    its pass (row_pass_grad, its second read from cache): an objective that needs no mixture
-    sums and no support (whose gathers would read the teacher's logits after the gradient went
-    over them); else None, and the passes, then ``gradient``."""
-    if kernels.row_pass_grad is None or objective.needs(params) & {Need.MIXTURE, Need.SUPPORT}:
+    its passes (row_pass_grad, the later reads from cache): an objective that needs no support
+    (whose gathers would read the teacher's logits after the gradient went over them); else
+    None, and the passes, then ``gradient``."""
+    if kernels.row_pass_grad is None or Need.SUPPORT in objective.needs(params):
         return None
     return objective.row_grad_form(params)
 

@@ -78,10 +78,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("opd_kernels::row_pass_grad")
     def _(student, teacher, tokens, mask, k, temperature, cap_s, cap_t, shift_coefs, w_reverse,
-          w_forward, scale, out):
+          w_forward, w_mixture, beta, scale, out):
         n = student.shape[0]
         return (student.new_empty(len(logits_form.FIELDS), n, dtype=torch.float32),
-                student.new_empty(n, k, dtype=torch.int64))
+                student.new_empty(n, k, dtype=torch.int64),
+                student.new_empty(2, n, dtype=torch.float32))
 
     @torch.library.register_fake("opd_kernels::dense_grad")
     def _(student, teacher, fields, shift, scale, mask, temperature, cap_s, cap_t, w_reverse,

@@ -112,20 +112,23 @@ class GradForm:
 
 @dataclass(frozen=True)
 class RowGradForm:
-    """A dense GradForm whose shift is affine in the row's KLs and token log-probs,
+    """A dense GradForm whose shift is affine in the row's KLs, token log-probs and mixture sums,
 
         shift = constant + sum of coefficient * field   over ``terms`` ((field, coefficient))
 
-    with ``reverse`` and ``forward`` numbers of the call (no mixture, no sparse part). A
-    backend can evaluate it right after a row's pass, per row, and write the row's gradient
-    while the row is still in cache; ``at`` gives the GradForm of whole PassResults."""
+    with ``reverse``, ``forward``, ``mixture`` and ``beta`` numbers of the call (no sparse
+    part). A backend can evaluate it right after a row's passes, per row, and write the row's
+    gradient while the row is still in cache; ``at`` gives the GradForm of whole PassResults."""
 
     constant: float = 0.0
     terms: tuple = ()
     reverse: float = 0.0
     forward: float = 0.0
+    mixture: float = 0.0
+    beta: float = 0.0
 
-    FIELDS: ClassVar[tuple] = ("reverse_kl", "forward_kl", "student_logprob", "teacher_logprob")
+    FIELDS: ClassVar[tuple] = ("reverse_kl", "forward_kl", "student_logprob", "teacher_logprob",
+                               "mixture_student", "mixture_teacher")
 
     def __post_init__(self):
         unknown = [name for name, _ in self.terms if name not in self.FIELDS]
@@ -136,7 +139,8 @@ class RowGradForm:
         shift = torch.full_like(r.lse_s, self.constant)
         for name, coefficient in self.terms:
             shift = shift + coefficient * getattr(r, name)
-        return GradForm(shift=shift, reverse=self.reverse, forward=self.forward)
+        return GradForm(shift=shift, reverse=self.reverse, forward=self.forward,
+                        mixture=self.mixture, beta=self.beta)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .base import GradForm, Need, Objective, Param, PassResults, kl, log_softmax
+from .base import Need, Objective, Param, PassResults, RowGradForm, kl, log_softmax
 from .forward_kl import FORWARD_KL_FORM
 from .full import REVERSE_KL_FORM
 
@@ -44,14 +44,19 @@ class GeneralizedJSD(Objective):
         return beta * kl(log_q, log_m) + (1.0 - beta) * kl(log_p, log_m)
 
     def from_passes(self, r: PassResults, beta=0.5):
-        if beta in (0.0, 1.0):
-            value = r.forward_kl if beta == 0.0 else r.reverse_kl
-            return value, self.row_grad_form({"beta": beta}).at(r)
-        value = beta * r.mixture_teacher + (1.0 - beta) * r.mixture_student
-        return value, GradForm(shift=-(1.0 - beta) * r.mixture_student, mixture=1.0 - beta, beta=beta)
+        if beta == 0.0:
+            value = r.forward_kl
+        elif beta == 1.0:
+            value = r.reverse_kl
+        else:
+            value = beta * r.mixture_teacher + (1.0 - beta) * r.mixture_student
+        return value, self.row_grad_form({"beta": beta}).at(r)
 
     def row_grad_form(self, params):
-        return {0.0: FORWARD_KL_FORM, 1.0: REVERSE_KL_FORM}.get(params["beta"])
+        beta = params["beta"]
+        if beta in (0.0, 1.0):
+            return FORWARD_KL_FORM if beta == 0.0 else REVERSE_KL_FORM
+        return RowGradForm(terms=(("mixture_student", -(1.0 - beta)),), mixture=1.0 - beta, beta=beta)
 
 
 OBJECTIVE = GeneralizedJSD()
