@@ -177,7 +177,8 @@ OPD_INLINE const float* load_block(const T* src, int64_t n, float cap, float* bu
 template <typename T>
 OPD_INLINE void prefetch_block(const T* src, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(src);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b);
+  const int64_t size = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < size; b += 64) __builtin_prefetch(bytes + b);
 }
 
 OPD_INLINE float load_one(const float* p) { return *p; }

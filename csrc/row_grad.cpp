@@ -75,11 +75,17 @@ at::Tensor mixture(const at::Tensor& student, const at::Tensor& teacher, const a
   return out;
 }
 
+// The per-row inputs of dense_grad.
+struct GradInputs {
+  RowNorms norms;
+  const float *shift, *scale;
+  const bool* mask;
+};
+
 // dL/dz of every row (row_grad.h); rows with mask False get zeros.
 template <typename T, typename G, bool HAS_TEACHER, bool HAS_MIXTURE>
 void grad_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
-               const RowNorms& norms, const float* shift, const float* scale, const bool* mask,
-               const FormArgs& a, at::Tensor& out) {
+               const GradInputs& in, const FormArgs& a, at::Tensor& out) {
   const int64_t n = student.size(0), vocab = student.size(1);
   const T* s_ptr = student.const_data_ptr<T>();
   const T* t_ptr = HAS_TEACHER ? teacher->const_data_ptr<T>() : nullptr;
@@ -88,12 +94,13 @@ void grad_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teach
     GradBuffers buf;
     for (int64_t row = begin; row < end; ++row) {
       G* g_row = g_ptr + row * out.stride(0);
-      if (mask != nullptr && !mask[row]) {
+      if (in.mask != nullptr && !in.mask[row]) {
         zero_row(g_row, vocab, buf);
         continue;
       }
+      const RowNorms& norms = in.norms;
       const RowArgs r{norms.max_s(row), norms.logsum_s(row), HAS_TEACHER ? norms.max_t(row) : 0.0f,
-                      HAS_TEACHER ? norms.logsum_t(row) : 0.0f, shift[row], scale[row]};
+                      HAS_TEACHER ? norms.logsum_t(row) : 0.0f, in.shift[row], in.scale[row]};
       grad_row<T, G, HAS_TEACHER, HAS_MIXTURE, false>(
           s_ptr + row * student.stride(0), HAS_TEACHER ? t_ptr + row * teacher->stride(0) : nullptr,
           g_row, vocab, a, r, RowCache{nullptr, nullptr, nullptr}, buf);
@@ -103,14 +110,13 @@ void grad_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teach
 
 template <typename T, typename G>
 void grad_dispatch(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
-                   const RowNorms& norms, const float* shift, const float* scale, const bool* mask,
-                   const FormArgs& a, at::Tensor& out) {
+                   const GradInputs& in, const FormArgs& a, at::Tensor& out) {
   if (!teacher)
-    grad_rows<T, G, false, false>(student, teacher, norms, shift, scale, mask, a, out);
+    grad_rows<T, G, false, false>(student, teacher, in, a, out);
   else if (a.w_mixture != 0.0f)
-    grad_rows<T, G, true, true>(student, teacher, norms, shift, scale, mask, a, out);
+    grad_rows<T, G, true, true>(student, teacher, in, a, out);
   else
-    grad_rows<T, G, true, false>(student, teacher, norms, shift, scale, mask, a, out);
+    grad_rows<T, G, true, false>(student, teacher, in, a, out);
 }
 
 void dense_grad(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
@@ -137,19 +143,18 @@ void dense_grad(const at::Tensor& student, const c10::optional<at::Tensor>& teac
                    static_cast<float>(w_forward), static_cast<float>(w_mixture),
                    mixture ? static_cast<float>(std::log(beta)) : 0.0f,
                    mixture ? static_cast<float>(std::log1p(-beta)) : 0.0f};
-  const RowNorms norms{fields.const_data_ptr<float>(), n};
-  const float *shift_ptr = shift.const_data_ptr<float>(), *scale_ptr = scale.const_data_ptr<float>();
-  const bool* mask_ptr = mask ? mask->const_data_ptr<bool>() : nullptr;
+  const GradInputs in{RowNorms{fields.const_data_ptr<float>(), n}, shift.const_data_ptr<float>(),
+                      scale.const_data_ptr<float>(), mask ? mask->const_data_ptr<bool>() : nullptr};
   const bool bf16_in = student.scalar_type() == at::kBFloat16;
   const bool bf16_out = out.scalar_type() == at::kBFloat16;
   if (bf16_in && bf16_out)
-    grad_dispatch<c10::BFloat16, c10::BFloat16>(student, teacher, norms, shift_ptr, scale_ptr, mask_ptr, a, out);
+    grad_dispatch<c10::BFloat16, c10::BFloat16>(student, teacher, in, a, out);
   else if (bf16_in)
-    grad_dispatch<c10::BFloat16, float>(student, teacher, norms, shift_ptr, scale_ptr, mask_ptr, a, out);
+    grad_dispatch<c10::BFloat16, float>(student, teacher, in, a, out);
   else if (bf16_out)
-    grad_dispatch<float, c10::BFloat16>(student, teacher, norms, shift_ptr, scale_ptr, mask_ptr, a, out);
+    grad_dispatch<float, c10::BFloat16>(student, teacher, in, a, out);
   else
-    grad_dispatch<float, float>(student, teacher, norms, shift_ptr, scale_ptr, mask_ptr, a, out);
+    grad_dispatch<float, float>(student, teacher, in, a, out);
 }
 
 }  // namespace

@@ -55,8 +55,7 @@ std::pair<float, float> mixture_row(const T* zs_row, const T* zt_row, int64_t vo
     const int64_t m = std::min(kBlock, vocab - v0);
     const float* z_s = load_block(zs_row + v0, m, a.cap_s, buf.zs.data());
     const float* z_t = load_block(zt_row + v0, m, a.cap_t, buf.zt.data());
-    float to_p = 0.0f;  // e^(center - lse_s) of this block
-    if constexpr (CACHED) to_p = exp_v(splat((cache.centers[v0 / kBlock] - max_s) - logsum_s))[0];
+    const float to_p = CACHED ? cache.to_p(v0, max_s, logsum_s) : 0.0f;
     vf bp = splat(0.0f), bq = bp;
     const vf zero = bp;
     for (int64_t i = 0; i < m; i += kLanes) {
@@ -96,8 +95,7 @@ void grad_row(const T* zs_row, const T* zt_row, G* g_row, int64_t vocab, const F
     const float* z_s_block = load_block(zs_row + v0, m, cap_s, buf.zs.data());
     const float* z_t_block = nullptr;
     if constexpr (HAS_TEACHER) z_t_block = load_block(zt_row + v0, m, a.cap_t, buf.zt.data());
-    float to_p = 0.0f;  // e^(center - lse_s) of this block
-    if constexpr (CACHED) to_p = exp_v(splat((cache.centers[v0 / kBlock] - max_s) - logsum_s))[0];
+    const float to_p = CACHED ? cache.to_p(v0, max_s, logsum_s) : 0.0f;
     const float* exps = CACHED ? cache.exps + v0 : nullptr;
     // fp32 whole vectors go straight to the row (a lane of z_t is read before it is written)
     float* out = g;

@@ -21,15 +21,25 @@ namespace {
 // shift_coefs: one coefficient per field, then KL(p || m), KL(q || m), then the constant.
 constexpr int kMixS = kNumFields, kMixT = kNumFields + 1, kConstant = kNumFields + 2;
 
+// One call's inputs and outputs, as the rows' loop reads and writes them.
+struct Rows {
+  const at::Tensor &student, &teacher;
+  at::Tensor& out;
+  const int64_t* tokens;
+  const bool* mask;
+  const float *shift_coefs, *scale;
+  float* fields;    // [kNumFields, n]
+  int64_t* top_ids; // [n, k]
+  float* mixture;   // [2, n]
+};
+
 template <typename G, bool WITH_TOPK, bool HAS_MIXTURE>
-void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* tokens,
-              const bool* mask, const Options& o, const float* shift_coefs, const FormArgs& a,
-              const float* scale, at::Tensor& out, float* fields, int64_t* top_ids,
-              float* mixture) {
-  const int64_t n_rows = student.size(0), vocab = o.vocab;
-  const float* s_ptr = student.const_data_ptr<float>();
-  const float* t_ptr = teacher.const_data_ptr<float>();
-  G* g_ptr = out.data_ptr<G>();
+void run_rows(const Rows& io, const Options& o, const FormArgs& a) {
+  const int64_t n_rows = io.student.size(0), vocab = o.vocab;
+  const float* s_ptr = io.student.const_data_ptr<float>();
+  const float* t_ptr = io.teacher.const_data_ptr<float>();
+  G* g_ptr = io.out.data_ptr<G>();
+  const float* coefs = io.shift_coefs;
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
     RowReader<float, true, WITH_TOPK, WITH_TOPK> reader(o);
     // kept by each of the pool's threads: a fresh 256 KiB a call would be mmap'd and faulted in
@@ -42,42 +52,42 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
     GradBuffers buf;
     float f[kNumFields];
     for (int64_t row = begin; row < end; ++row) {
-      int64_t* ids = top_ids + row * o.k;
-      const float* zs_row = s_ptr + row * student.stride(0);
-      const float* zt_row = t_ptr + row * teacher.stride(0);
-      G* g_row = g_ptr + row * out.stride(0);
+      int64_t* ids = io.top_ids + row * o.k;
+      const float* zs_row = s_ptr + row * io.student.stride(0);
+      const float* zt_row = t_ptr + row * io.teacher.stride(0);
+      G* g_row = g_ptr + row * io.out.stride(0);
       std::pair<float, float> sums{0.0f, 0.0f};
-      if (mask != nullptr && !mask[row]) {
+      if (io.mask != nullptr && !io.mask[row]) {
         reader.blank(f, ids);
         zero_row(g_row, vocab, buf);
       } else {
-        reader.read(zs_row, zt_row, tokens == nullptr ? nullptr : tokens + row, f, ids, &cache);
-        RowArgs r{f[kMaxS], f[kLogsumS], f[kMaxT], f[kLogsumT], shift_coefs[kConstant], scale[row]};
+        reader.read(zs_row, zt_row, io.tokens == nullptr ? nullptr : io.tokens + row, f, ids, &cache);
+        RowArgs r{f[kMaxS], f[kLogsumS], f[kMaxT], f[kLogsumT], coefs[kConstant], io.scale[row]};
         if constexpr (HAS_MIXTURE)
           sums = mixture_row<float, true>(zs_row, zt_row, vocab, a, r, cache, buf);
         for (int i = 0; i < kNumFields; ++i)  // 0 * NaN (a statistic) must not reach the shift
-          if (shift_coefs[i] != 0.0f) r.shift += shift_coefs[i] * f[i];
-        r.shift += shift_coefs[kMixS] * sums.first + shift_coefs[kMixT] * sums.second;
+          if (coefs[i] != 0.0f) r.shift += coefs[i] * f[i];
+        r.shift += coefs[kMixS] * sums.first + coefs[kMixT] * sums.second;
         grad_row<float, G, true, HAS_MIXTURE, true>(zs_row, zt_row, g_row, vocab, a, r, cache, buf);
       }
-      for (int i = 0; i < kNumFields; ++i) fields[i * n_rows + row] = f[i];
-      mixture[row] = sums.first;
-      mixture[n_rows + row] = sums.second;
+      for (int i = 0; i < kNumFields; ++i) io.fields[i * n_rows + row] = f[i];
+      io.mixture[row] = sums.first;
+      io.mixture[n_rows + row] = sums.second;
     }
   });
 }
 
-template <typename G, bool WITH_TOPK>
-void dispatch_mixture(bool with_mixture, const at::Tensor& student, const at::Tensor& teacher,
-                      const int64_t* tokens, const bool* mask, const Options& o,
-                      const float* shift_coefs, const FormArgs& a, const float* scale,
-                      at::Tensor& out, float* fields, int64_t* top_ids, float* mixture) {
-  if (with_mixture)
-    run_rows<G, WITH_TOPK, true>(student, teacher, tokens, mask, o, shift_coefs, a, scale, out,
-                                 fields, top_ids, mixture);
+template <typename G>
+void dispatch(const Rows& io, const Options& o, const FormArgs& a) {
+  const bool topk = o.k > 0, mixture = a.w_mixture != 0.0f;
+  if (topk && mixture)
+    run_rows<G, true, true>(io, o, a);
+  else if (topk)
+    run_rows<G, true, false>(io, o, a);
+  else if (mixture)
+    run_rows<G, false, true>(io, o, a);
   else
-    run_rows<G, WITH_TOPK, false>(student, teacher, tokens, mask, o, shift_coefs, a, scale, out,
-                                  fields, top_ids, mixture);
+    run_rows<G, false, false>(io, o, a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_pass_grad(
@@ -116,26 +126,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_pass_grad(
                    static_cast<float>(w_forward), static_cast<float>(w_mixture),
                    with_mixture ? static_cast<float>(std::log(beta)) : 0.0f,
                    with_mixture ? static_cast<float>(std::log1p(-beta)) : 0.0f};
-  const int64_t* token_ptr = tokens ? tokens->const_data_ptr<int64_t>() : nullptr;
-  const bool* mask_ptr = mask ? mask->const_data_ptr<bool>() : nullptr;
-  const float* coefs = shift_coefs.const_data_ptr<float>();
-  const float* scale_ptr = scale.const_data_ptr<float>();
-  float* fields_ptr = fields.data_ptr<float>();
-  int64_t* ids_ptr = top_ids.data_ptr<int64_t>();
-  float* mixture_ptr = mixture.data_ptr<float>();
-  const bool bf16_out = out.scalar_type() == at::kBFloat16;
-  if (bf16_out && k > 0)
-    dispatch_mixture<c10::BFloat16, true>(with_mixture, student, teacher, token_ptr, mask_ptr, o,
-                                          coefs, a, scale_ptr, out, fields_ptr, ids_ptr, mixture_ptr);
-  else if (bf16_out)
-    dispatch_mixture<c10::BFloat16, false>(with_mixture, student, teacher, token_ptr, mask_ptr, o,
-                                           coefs, a, scale_ptr, out, fields_ptr, ids_ptr, mixture_ptr);
-  else if (k > 0)
-    dispatch_mixture<float, true>(with_mixture, student, teacher, token_ptr, mask_ptr, o, coefs, a,
-                                  scale_ptr, out, fields_ptr, ids_ptr, mixture_ptr);
+  const Rows io{student, teacher, out, tokens ? tokens->const_data_ptr<int64_t>() : nullptr,
+                mask ? mask->const_data_ptr<bool>() : nullptr, shift_coefs.const_data_ptr<float>(),
+                scale.const_data_ptr<float>(), fields.data_ptr<float>(),
+                top_ids.data_ptr<int64_t>(), mixture.data_ptr<float>()};
+  if (out.scalar_type() == at::kBFloat16)
+    dispatch<c10::BFloat16>(io, o, a);
   else
-    dispatch_mixture<float, false>(with_mixture, student, teacher, token_ptr, mask_ptr, o, coefs, a,
-                                   scale_ptr, out, fields_ptr, ids_ptr, mixture_ptr);
+    dispatch<float>(io, o, a);
   return {fields, top_ids, mixture};
 }
 

@@ -87,6 +87,11 @@ struct RowCache {
   float* exps;
   float* centers;
   float* log_m;
+
+  // e^(center - lse_s) of the block at v0: p there is that times the cached exp.
+  float to_p(int64_t v0, float max_s, float logsum_s) const {
+    return exp_v(splat((centers[v0 / kBlock] - max_s) - logsum_s))[0];
+  }
 };
 
 // The fields of one row (the masked row's stand-ins, then the read and its fields) and the

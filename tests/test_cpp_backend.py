@@ -51,7 +51,7 @@ def test_opcheck(dtype):
         out = torch.empty(5, 300, dtype=dtype)
         torch.library.opcheck(OPS.row_pass_grad.default, (
             s.float(), near.float(), tokens, mask, k, 0.7, *caps, logits_form.shift_coefficients(form),
-            form.reverse, form.forward, form.mixture, form.beta or 0.5, scale, out))
+            form.reverse, form.forward, form.mixture, form.beta, scale, out))
 
 
 @needs_native
@@ -123,7 +123,7 @@ def test_row_pass_grad_against_float64(objective, params, k, caps, out_dtype):
     out = teacher if out_dtype == torch.float32 else torch.empty(n, v, dtype=out_dtype)
     got_fields, got_ids, mixture = OPS.row_pass_grad(
         s, teacher, tokens, mask, k, tau, *caps, logits_form.shift_coefficients(form), form.reverse,
-        form.forward, form.mixture, form.beta or 0.5, scale, out)
+        form.forward, form.mixture, form.beta, scale, out)
     assert torch.equal(got_fields.nan_to_num(), fields.nan_to_num()) and torch.equal(got_ids, ids)
     capped = lambda z, c: z.double() if c == 0 else c * torch.tanh(z.double() / c)
     x_s, x_t = capped(s, caps[0]) / tau, capped(t, caps[1]) / tau

@@ -47,7 +47,7 @@ def _dense_grad(student, teacher, grad, rp: RowPass, form, shift, scale, mask, t
 def _row_pass_grad(student, teacher, tokens, mask, k, temperature, caps, form, scale, out) -> RowPass:
     fields, top_ids, mixture = OPS.row_pass_grad(
         student, teacher, tokens, mask, k, temperature, *caps, shift_coefficients(form),
-        form.reverse, form.forward, form.mixture, form.beta if form.mixture else 0.5, scale, out)
+        form.reverse, form.forward, form.mixture, form.beta, scale, out)
     return RowPass(fields, top_ids if k else None, mixture if form.mixture else None)
 
 
